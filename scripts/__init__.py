@@ -1,0 +1,1 @@
+"""Python components of the MCPM noisy-label segmentation bundle, referenced by the configs as ``scripts.*``."""

@@ -1,0 +1,52 @@
+"""Voxel-wise segmentation losses: MCPM re-weights the per-voxel loss map, so the map must be available."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def voxel_cross_entropy(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every voxel.
+
+    Args:
+        logits: (B, C, *spatial) network output.
+        label: (B, 1, *spatial) or (B, *spatial) class indices (any numeric dtype).
+
+    Returns:
+        (B, *spatial) loss map.
+    """
+    if label.dim() == logits.dim():
+        if label.shape[1] != 1:
+            raise ValueError(f"label must have one channel of class indices, got shape {tuple(label.shape)}.")
+        label = label[:, 0]
+    if label.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(
+            f"label shape {tuple(label.shape)} does not match the prediction {tuple(logits.shape)} (B, C, *spatial)."
+        )
+    return F.cross_entropy(logits, label.long(), reduction="none")
+
+
+class VoxelCrossEntropyLoss(nn.Module):
+    """Cross-entropy from logits against index labels with a channel dim, as MONAI's engines pass them.
+
+    ``reduction="none"`` returns the (B, *spatial) loss map that the MCPM trainer re-weights; ``"mean"`` is
+    the plain training loss of the baseline.
+    """
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        loss_map = voxel_cross_entropy(logits, label)
+        if self.reduction == "mean":
+            return loss_map.mean()
+        if self.reduction == "sum":
+            return loss_map.sum()
+        return loss_map

@@ -1,0 +1,69 @@
+"""The meta mask network of MCPM: reads the per-voxel loss map and outputs a per-voxel weight in (0, 1)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+META_INPUTS = ("loss", "probability", "image")
+
+
+class MetaMaskNet(nn.Module):
+    """A small fully convolutional 3D network mapping input maps to a weight map in (0, 1).
+
+    Its input channels are chosen by ``inputs``: ``"loss"`` (the detached per-voxel loss map, the paper's
+    input), ``"probability"`` (the predicted probability of the labelled class) and ``"image"`` (the image
+    channels). The last layer starts at zero, so every voxel starts with the same weight
+    ``sigmoid(initial_logit)`` (0.5 by default): MCPM begins as plain training and learns to deviate.
+
+    Args:
+        inputs: which maps feed the network, a subset of ``META_INPUTS`` containing ``"loss"``.
+        image_channels: number of image channels, used when ``"image"`` is an input.
+        hidden_channels: width of each hidden 3x3x3 convolution; its length is the number of hidden layers.
+        initial_logit: the bias of the output layer at initialisation.
+    """
+
+    def __init__(
+        self,
+        inputs: Sequence[str] = ("loss",),
+        image_channels: int = 1,
+        hidden_channels: Sequence[int] = (16, 16),
+        initial_logit: float = 0.0,
+    ) -> None:
+        super().__init__()
+        unknown = [name for name in inputs if name not in META_INPUTS]
+        if unknown or "loss" not in inputs or len(set(inputs)) != len(inputs):
+            raise ValueError(f"inputs must be distinct names from {META_INPUTS} including 'loss', got {list(inputs)}.")
+        if not hidden_channels or any(int(c) < 1 for c in hidden_channels):
+            raise ValueError(f"hidden_channels must be a non-empty list of positive ints, got {list(hidden_channels)}.")
+        self.inputs = tuple(inputs)
+        in_channels = len(self.inputs) - ("image" in self.inputs) + image_channels * ("image" in self.inputs)
+        layers: list[nn.Module] = []
+        for width in hidden_channels:
+            layers += [nn.Conv3d(in_channels, int(width), kernel_size=3, padding=1), nn.LeakyReLU(0.1)]
+            in_channels = int(width)
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Conv3d(in_channels, 1, kernel_size=1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.constant_(self.head.bias, float(initial_logit))
+
+    def build_input(
+        self, loss_map: torch.Tensor, logits: torch.Tensor, label: torch.Tensor, image: torch.Tensor
+    ) -> torch.Tensor:
+        """Stack the configured input maps, all detached, into (B, C_in, *spatial)."""
+        maps = []
+        for name in self.inputs:
+            if name == "loss":
+                maps.append(loss_map.detach().unsqueeze(1))
+            elif name == "probability":
+                index = label.long() if label.dim() == logits.dim() else label.long().unsqueeze(1)
+                maps.append(torch.softmax(logits.detach().float(), dim=1).gather(1, index).to(loss_map.dtype))
+            else:
+                maps.append(image.detach().to(loss_map.dtype))
+        return torch.cat(maps, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the (B, *spatial) weight map in (0, 1) for the stacked inputs ``x``."""
+        return torch.sigmoid(self.head(self.features(x))).squeeze(1)

@@ -1,0 +1,140 @@
+"""The bundle through MONAI's own tools: `monai.bundle run` for train, baseline, evaluate and inference
+(from another folder and from the bundle root), metadata, workflow properties, net in/out and export."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow, verify_metadata
+
+from scripts.data import generate_dataset
+from tests.conftest import BUNDLE_ROOT, TINY_NETWORK
+
+CONFIGS = BUNDLE_ROOT / "configs"
+TINY = {
+    "epochs": 2,
+    "val_interval": 1,
+    "mcpm#warmup_epochs": 1,
+    "patch_size": "[16,16,16]",
+    **{f"network_def#{k}": str(v).replace(" ", "") for k, v in TINY_NETWORK.items()},
+}
+
+
+def bundle(command: str, config_names: list[str], cwd: Path, **overrides: object) -> subprocess.CompletedProcess:
+    """Run ``python -m monai.bundle <command>`` with absolute config paths, failing with its output."""
+    files = [str(CONFIGS / name) for name in config_names]
+    args = [sys.executable, "-m", "monai.bundle", command, "--config_file", repr(files) if len(files) > 1 else files[0]]
+    for key, value in overrides.items():
+        args += [f"--{key}", str(value)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data")
+    generate_dataset(out, seed=3, num_training=4, num_meta=2, num_validation=2, num_test=2, shape=(16, 16, 16))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory) -> Path:
+    """MCPM training run from an unrelated folder with an absolute config path and --bundle_root."""
+    out = tmp_path_factory.mktemp("mcpm")
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    bundle("run", ["train.json"], elsewhere, bundle_root=BUNDLE_ROOT, dataset_dir=dataset, ckpt_dir=out / "models", output_dir=out, **TINY)
+    return out
+
+
+def test_train_writes_checkpoints(trained):
+    models = trained / "models"
+    state = torch.load(models / "model.pt", weights_only=True)
+    assert "model.0.conv.unit0.conv.weight" in state  # a plain UNet state dict, as the model zoo expects
+    assert (models / "meta_network.pt").is_file()
+    final = torch.load(models / "checkpoint_final.pt", weights_only=True)
+    assert {"model", "meta_network", "optimizer", "meta_optimizer", "trainer"} <= set(final)
+    assert final["trainer"]["iteration"] == TINY["epochs"] * final["trainer"]["epoch_length"]
+    assert list(trained.glob("events.out.tfevents.*")), "TensorBoard logs are missing"
+
+
+def test_resume_continues_training(trained, dataset, tmp_path):
+    bundle(
+        "run", ["train.json"], tmp_path, bundle_root=BUNDLE_ROOT, dataset_dir=dataset,
+        ckpt_dir=tmp_path / "models", output_dir=tmp_path, **{**TINY, "epochs": 3},
+        **{"train#resume_from": trained / "models" / "checkpoint_final.pt"},
+    )
+    final = torch.load(tmp_path / "models" / "checkpoint_final.pt", weights_only=True)
+    assert final["trainer"]["iteration"] == 3 * final["trainer"]["epoch_length"]
+
+
+def test_baseline_from_bundle_root(dataset, tmp_path):
+    bundle(
+        "run", ["train.json", "train_baseline.json"], BUNDLE_ROOT, dataset_dir=dataset,
+        ckpt_dir=tmp_path / "models", output_dir=tmp_path, **TINY,
+    )
+    assert (tmp_path / "models" / "model.pt").is_file()
+    assert not (tmp_path / "models" / "meta_network.pt").exists()
+    assert "meta_network" not in torch.load(tmp_path / "models" / "checkpoint_final.pt", weights_only=True)
+
+
+def test_evaluate_writes_per_case_dice(trained, dataset, tmp_path):
+    bundle(
+        "run", ["train.json", "evaluate.json"], tmp_path, bundle_root=BUNDLE_ROOT, dataset_dir=dataset,
+        ckpt_dir=trained / "models", output_dir=tmp_path, **TINY,
+    )
+    with open(tmp_path / "val_mean_dice_raw.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(Path(r["filename"]).name for r in rows) == sorted(p.name for p in (dataset / "imagesTs").iterdir())
+    assert all(0 <= float(r["class0"]) <= 1 for r in rows)
+    assert (tmp_path / "val_hd95_raw.csv").is_file()
+
+
+def test_inference_writes_predictions_on_the_input_grid(trained, dataset, tmp_path):
+    out = tmp_path / "predictions"
+    bundle(
+        "run", ["inference.json"], tmp_path, bundle_root=BUNDLE_ROOT, dataset_dir=dataset / "imagesTs",
+        ckpt_path=trained / "models" / "model.pt", output_dir=out, patch_size="[16,16,16]",
+        **{k: v for k, v in TINY.items() if k.startswith("network_def")},
+    )
+    for image_path in sorted((dataset / "imagesTs").iterdir()):
+        name = image_path.name.replace(".nii.gz", "_seg.nii.gz")
+        image, pred = nib.load(image_path), nib.load(out / name)
+        assert pred.shape == image.shape
+        np.testing.assert_allclose(pred.affine, image.affine, atol=1e-5)
+        assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
+
+
+def test_metadata_validates_against_schema():
+    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(BUNDLE_ROOT / "tests" / "fixtures" / "meta_schema_20240725.json"))
+
+
+@pytest.mark.parametrize("config, workflow_type, data", [("train.json", "train", ""), ("inference.json", "inference", "imagesTs")])
+def test_workflow_properties(config, workflow_type, data, dataset, tmp_path):
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIGS / config), workflow_type=workflow_type, logging_file=False,
+        bundle_root=str(BUNDLE_ROOT), dataset_dir=str(dataset / data), output_dir=str(tmp_path),
+    )
+    workflow.initialize()
+    assert workflow.check_properties() == []
+
+
+def test_verify_net_in_out_and_ckpt_export(trained, tmp_path):
+    bundle("verify_net_in_out", ["inference.json"], tmp_path, net_id="network_def", meta_file=CONFIGS / "metadata.json", n=2)
+    exported = tmp_path / "model.ts"
+    bundle(
+        "ckpt_export", ["inference.json"], tmp_path, net_id="network_def", filepath=exported,
+        ckpt_file=trained / "models" / "model.pt", meta_file=CONFIGS / "metadata.json",
+        **{k: v for k, v in TINY.items() if k.startswith("network_def")},
+    )
+    module = torch.jit.load(str(exported))
+    assert module(torch.rand(1, 1, 16, 16, 16)).shape == (1, 3, 16, 16, 16)

@@ -1,0 +1,199 @@
+"""The MCPM trainer: what one iteration changes, the meta interval, warm-up, state output and resuming."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.data import DataLoader
+from monai.engines import SupervisedTrainer
+from monai.handlers import CheckpointLoader
+
+from scripts.losses import VoxelCrossEntropyLoss
+from scripts.meta_net import MetaMaskNet
+from scripts.trainer import MCPMTrainer
+from tests.conftest import tiny_unet
+
+
+def _cases(n: int, seed: int, corrupt: bool = False) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    for _ in range(n):
+        label = torch.zeros(1, 16, 16, 16)
+        label[:, 4:12, 4:12, 4:12] = 1
+        image = label + 0.5 * torch.randn(label.shape, generator=g)
+        case = {"image": image, "label": label}
+        if corrupt:
+            noisy = label.clone()
+            noisy[:, 2:14, 2:14, 2:14] = 1  # a dilated label: the shell is corrupted
+            case.update(label=noisy, corruption_mask=(noisy != label).to(torch.uint8))
+        cases.append(case)
+    return cases
+
+
+def make_trainer(max_epochs: int = 1, network=None, meta_network=None, num_train: int = 4, **kwargs) -> MCPMTrainer:
+    network = network or tiny_unet(out_channels=2)
+    meta_network = meta_network or MetaMaskNet(hidden_channels=(4,))
+    return MCPMTrainer(
+        device="cpu",
+        max_epochs=max_epochs,
+        train_data_loader=DataLoader(_cases(num_train, seed=1, corrupt=True), batch_size=2, shuffle=False),
+        network=network,
+        optimizer=torch.optim.Adam(network.parameters(), 1e-2),
+        loss_function=VoxelCrossEntropyLoss(reduction="none"),
+        meta_data_loader=DataLoader(_cases(2, seed=2), batch_size=1, shuffle=False),
+        meta_network=meta_network,
+        meta_optimizer=torch.optim.Adam(meta_network.parameters(), 1e-2),
+        **kwargs,
+    )
+
+
+def _flat(module: torch.nn.Module) -> torch.Tensor:
+    return torch.nn.utils.parameters_to_vector(module.parameters()).detach().clone()
+
+
+def _track(trainer: MCPMTrainer) -> list[dict]:
+    """Record, after every iteration, the meta-net parameters and the output."""
+    history: list[dict] = []
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _record(engine):
+        history.append({"meta": _flat(engine.meta_network), "seg": _flat(engine.network), "output": engine.state.output})
+
+    return history
+
+
+def test_two_iterations_change_both_networks_and_weights_stay_in_unit_interval():
+    trainer = make_trainer()
+    seg0, meta0 = _flat(trainer.network), _flat(trainer.meta_network)
+    history = _track(trainer)
+    trainer.run()
+    assert len(history) == 2
+    for step in history:
+        weights = torch.stack([o["weight"] for o in step["output"]])
+        assert weights.shape == (2, 1, 16, 16, 16)
+        assert ((weights > 0) & (weights < 1)).all()
+        assert math.isfinite(step["output"][0]["meta_loss"])
+    assert not torch.equal(history[0]["seg"], seg0) and not torch.equal(history[1]["seg"], history[0]["seg"])
+    assert not torch.equal(history[0]["meta"], meta0) and not torch.equal(history[1]["meta"], history[0]["meta"])
+
+
+def test_output_and_epoch_metrics_like_supervised_trainer():
+    trainer = make_trainer()
+    trainer.run()
+    output = trainer.state.output[0]
+    for key in ("image", "label", "pred", "loss", "meta_loss", "weight"):
+        assert key in output
+    metrics = trainer.state.metrics
+    for key in ("meta_loss", "weight_mean", "weight_std", "weight_corrupted", "weight_unchanged"):
+        assert key in metrics
+    assert 0 < metrics["weight_corrupted"] < 1 and 0 < metrics["weight_unchanged"] < 1
+
+
+@pytest.mark.parametrize("interval", [2, 3])
+def test_meta_interval(interval):
+    trainer = make_trainer(max_epochs=3, meta_interval=interval)
+    meta0 = _flat(trainer.meta_network)
+    history = _track(trainer)
+    trainer.run()
+    before = [meta0] + [h["meta"] for h in history[:-1]]
+    changed = [not torch.equal(prev, h["meta"]) for prev, h in zip(before, history)]
+    assert changed == [i % interval == 0 for i in range(len(history))]
+    # weights from the current meta net are applied on every iteration
+    assert all(torch.isfinite(h["output"][0]["weight"]).all() for h in history)
+
+
+def test_warmup_trains_plainly():
+    trainer = make_trainer(max_epochs=2, warmup_epochs=1)
+    meta0 = _flat(trainer.meta_network)
+    history = _track(trainer)
+    trainer.run()
+    assert torch.equal(history[1]["meta"], meta0)  # epoch 1: no meta steps
+    assert all(torch.equal(o["weight"], torch.ones_like(o["weight"])) for o in history[1]["output"])
+    assert not torch.equal(history[3]["meta"], meta0)
+
+
+def test_warmup_iteration_equals_supervised_trainer():
+    """During warm-up, an MCPM iteration is exactly a plain SupervisedTrainer iteration."""
+    network = tiny_unet(out_channels=2)
+    reference = copy.deepcopy(network)
+    make_trainer(network=network, warmup_epochs=1).run()
+    SupervisedTrainer(
+        device="cpu", max_epochs=1,
+        train_data_loader=DataLoader(_cases(4, seed=1, corrupt=True), batch_size=2, shuffle=False),
+        network=reference, optimizer=torch.optim.Adam(reference.parameters(), 1e-2),
+        loss_function=VoxelCrossEntropyLoss(reduction="mean"),
+    ).run()
+    for (name, a), b in zip(network.state_dict().items(), reference.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_running_stats_change_only_in_the_real_step():
+    """After one MCPM iteration the batch-norm running statistics equal those of a single real forward."""
+    trainer = make_trainer(num_train=2)
+    expected = copy.deepcopy(trainer.network)
+    batch = next(iter(trainer.data_loader))
+    expected.train()
+    with torch.no_grad():
+        expected(batch["image"])
+    trainer.run()
+    for name, value in trainer.network.named_buffers():
+        assert torch.allclose(value, dict(expected.named_buffers())[name]), name
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
+    torch.manual_seed(0)
+    uninterrupted = make_trainer(max_epochs=2)
+    state0 = (copy.deepcopy(uninterrupted.network.state_dict()), copy.deepcopy(uninterrupted.meta_network.state_dict()))
+    uninterrupted.run()
+
+    def restart(max_epochs):
+        trainer = make_trainer(max_epochs=max_epochs)
+        trainer.network.load_state_dict(state0[0])
+        trainer.meta_network.load_state_dict(state0[1])
+        return trainer
+
+    first = restart(1)
+    first.run()
+    path = tmp_path / "checkpoint.pt"
+    objects = ("network", "meta_network", "optimizer", "meta_optimizer")
+    torch.save({**{k: getattr(first, k).state_dict() for k in objects}, "trainer": first.state_dict()}, path)
+
+    resumed = restart(2)
+    CheckpointLoader(str(path), {**{k: getattr(resumed, k) for k in objects}, "trainer": resumed})(resumed)
+    resumed.run()
+    assert resumed.state.epoch == 2
+    assert torch.equal(_flat(resumed.network), _flat(uninterrupted.network))
+    assert torch.equal(_flat(resumed.meta_network), _flat(uninterrupted.meta_network))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"meta_gradient": "hessian"}, "meta_gradient"),
+        ({"weight_normalisation": "max"}, "weight_normalisation"),
+        ({"meta_interval": 0}, "meta_interval"),
+        ({"warmup_epochs": -1}, "warmup_epochs"),
+        ({"virtual_lr": 0.0}, "virtual_lr"),
+    ],
+)
+def test_invalid_options_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_trainer(**kwargs)
+
+
+def test_reduced_loss_is_rejected():
+    trainer = make_trainer()
+    trainer.loss_function = VoxelCrossEntropyLoss(reduction="mean")
+    with pytest.raises(Exception, match="reduction='none'"):
+        trainer.run()
+
+
+def test_empty_meta_loader_is_reported():
+    trainer = make_trainer()
+    trainer.meta_data_loader = []
+    with pytest.raises(Exception, match="meta data loader is empty"):
+        trainer.run()
