@@ -16,7 +16,7 @@ real model change only in the real training step.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -43,9 +43,21 @@ def normalise_weights(weights: torch.Tensor, normalisation: str, eps: float = 1e
     raise ValueError(f"weight normalisation must be one of {WEIGHT_NORMALISATIONS}, got {normalisation!r}.")
 
 
-def trainable_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters the virtual step moves: those that require gradients."""
-    return {name: p for name, p in module.named_parameters() if p.requires_grad}
+def virtual_step_parameters(module: nn.Module, prefixes: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """The parameters the virtual step moves: all that require gradients, or only those whose names start with
+    one of ``prefixes`` (e.g. ``["model.2"]``, the last decoder stage of MONAI's ``UNet``).
+
+    Restricting the virtual step to late layers (as FaMUS does) makes the meta-gradient cheaper but no longer
+    that of MCPM: it is the exact meta-gradient of a virtual step that moves only those layers.
+    """
+    params = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    if prefixes is None:
+        return params
+    unmatched = [prefix for prefix in prefixes if not any(name.startswith(prefix) for name in params)]
+    if unmatched or not prefixes:
+        top_level = sorted({".".join(name.split(".")[:2]) for name in params})
+        raise ValueError(f"virtual_step_params {list(prefixes)} must each match a parameter name; unmatched {unmatched}, names start with {top_level}.")
+    return {name: p for name, p in params.items() if name.startswith(tuple(prefixes))}
 
 
 def buffer_copies(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -74,6 +86,7 @@ def compute_meta_gradient(
     virtual_lr: float,
     normalisation: str = "sum",
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    virtual_step_params: Sequence[str] | None = None,
 ) -> MetaGradient:
     """Compute ∇φ L_meta(θ̂(φ)) for the meta network's parameters φ.
 
@@ -91,10 +104,11 @@ def compute_meta_gradient(
         virtual_lr: α, the size of the virtual SGD step.
         normalisation: how weights become loss coefficients (see ``normalise_weights``).
         autocast: a factory of the autocast context for forward passes (a no-op by default).
+        virtual_step_params: name prefixes of the parameters the virtual step moves; all when None.
     """
     if mode not in META_GRADIENT_MODES:
         raise ValueError(f"meta-gradient mode must be one of {META_GRADIENT_MODES}, got {mode!r}.")
-    params = trainable_parameters(network)
+    params = virtual_step_parameters(network, virtual_step_params)
     meta_params = [p for p in meta_network.parameters() if p.requires_grad]
     weights = normalise_weights(meta_network(meta_input), normalisation)
 
@@ -116,8 +130,10 @@ def compute_meta_gradient(
 
     def loss_map_at(theta: dict[str, torch.Tensor]) -> torch.Tensor:
         with autocast():
-            return loss_function(functional_call(network, (theta, buffer_copies(network)), (image,)), label)
+            return loss_function(functional_call(network, (theta, constants, buffer_copies(network)), (image,)), label)
 
+    # parameters outside the virtual step enter the JVP as constants
+    constants = {name: p.detach() for name, p in network.named_parameters() if name not in params}
     primals = {name: p.detach() for name, p in params.items()}
     tangents = {name: d.to(p.dtype) for (name, p), d in zip(params.items(), direction)}
     _, sensitivity = jvp(loss_map_at, (primals,), (tangents,))

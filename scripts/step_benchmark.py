@@ -29,6 +29,7 @@ VARIANTS = {
     "mcpm jvp": {"meta_gradient": "jvp"},
     "mcpm jvp, meta_interval 2": {"meta_gradient": "jvp", "meta_interval": 2},
     "mcpm jvp, meta_interval 4": {"meta_gradient": "jvp", "meta_interval": 4},
+    "mcpm jvp, virtual step on the last decoder stage": {"meta_gradient": "jvp", "virtual_step_params": ["model.2"]},
 }
 
 

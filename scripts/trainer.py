@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents, default_prepare_batch
@@ -19,12 +20,33 @@ from monai.utils import CommonKeys as Keys
 from torch import nn
 from torch.optim import Optimizer
 
-from scripts.meta_gradient import META_GRADIENT_MODES, WEIGHT_NORMALISATIONS, compute_meta_gradient, normalise_weights
+from scripts.meta_gradient import (
+    META_GRADIENT_MODES,
+    WEIGHT_NORMALISATIONS,
+    compute_meta_gradient,
+    normalise_weights,
+    virtual_step_parameters,
+)
 from scripts.meta_net import MetaMaskNet
 
 CORRUPTION_KEY = "corruption_mask"
 WEIGHT_KEY = "weight"
 EPOCH_STATS = ("meta_loss", "weight_mean", "weight_std", "weight_corrupted", "weight_unchanged")
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank_mean(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+    """The mean over the ranks of each tensor (one all-reduce for all); the tensors as they are without DDP."""
+    world = _world_size()
+    if world == 1:
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world
+    return [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 class MCPMTrainer(SupervisedTrainer):
@@ -42,6 +64,12 @@ class MCPMTrainer(SupervisedTrainer):
         weight_normalisation: ``"sum"``, ``"mean"`` or ``"none"`` (see ``normalise_weights``).
         meta_interval: a meta step every ``meta_interval`` iterations; the current weights apply on all.
         warmup_epochs: epochs of plain, unweighted training before the meta mask is used.
+        virtual_step_params: name prefixes of the parameters the virtual step moves (all when None, which is
+            MCPM); a late-layers subset is cheaper but approximates the method (see ``virtual_step_parameters``).
+
+    Under DDP (``network`` wrapped in ``DistributedDataParallel``, a process group initialised) each rank
+    computes the meta-gradient on its own shard of the training and meta batches, the ranks average it, and
+    DDP averages the real step's gradients; the meta network starts from rank 0's parameters.
 
     ``engine.state.output`` holds image, label, pred and loss as in ``SupervisedTrainer``, plus the meta
     loss (NaN on iterations without a meta step) and the weight map. Per-epoch means of the meta loss and
@@ -65,6 +93,7 @@ class MCPMTrainer(SupervisedTrainer):
         weight_normalisation: str = "sum",
         meta_interval: int = 1,
         warmup_epochs: int = 0,
+        virtual_step_params: Sequence[str] | None = None,
         prepare_batch: Callable = default_prepare_batch,
         train_handlers: Sequence | None = None,
         **kwargs: Any,
@@ -100,11 +129,19 @@ class MCPMTrainer(SupervisedTrainer):
         self.weight_normalisation = weight_normalisation
         self.meta_interval = meta_interval
         self.warmup_epochs = warmup_epochs
+        self.virtual_step_params = None if virtual_step_params is None else list(virtual_step_params)
+        virtual_step_parameters(self.unwrapped_network, self.virtual_step_params)  # fail early on a typo
         self._meta_batches: Iterator | None = None
         self._stat_sums: dict[str, list[float]] = {}
         self.add_event_handler(Events.EPOCH_STARTED, self._start_epoch)
+        if _world_size() > 1:
+            for tensor in self.meta_network.state_dict().values():
+                dist.broadcast(tensor, src=0)
 
     def _start_epoch(self, engine: MCPMTrainer) -> None:
+        sampler = getattr(self.meta_data_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.state.epoch)
         self._meta_batches = iter(self.meta_data_loader)
         self._stat_sums = {name: [0.0, 0] for name in EPOCH_STATS}
 
@@ -191,9 +228,10 @@ class MCPMTrainer(SupervisedTrainer):
                     engine.virtual_lr,
                     engine.weight_normalisation,
                     engine._autocast,
+                    engine.virtual_step_params,
                 )
                 engine.meta_optimizer.zero_grad(set_to_none=True)
-                for p, g in zip((p for p in engine.meta_network.parameters() if p.requires_grad), grads):
+                for p, g in zip((p for p in engine.meta_network.parameters() if p.requires_grad), _rank_mean(grads)):
                     p.grad = g
                 engine.meta_optimizer.step()
                 engine._record("meta_loss", meta_loss.item())

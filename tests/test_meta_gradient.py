@@ -26,13 +26,13 @@ def _problem(norm: str, inputs=("loss",)):
     return network, meta_network, image, label, meta_image, meta_label
 
 
-def _meta_gradient(mode, network, meta_network, image, label, meta_image, meta_label, normalisation):
+def _meta_gradient(mode, network, meta_network, image, label, meta_image, meta_label, normalisation, virtual_step_params=None):
     logits = network(image)
     loss_map = voxel_cross_entropy(logits, label)
     meta_input = meta_network.build_input(loss_map, logits, label, image)
     result = compute_meta_gradient(
         mode, network, voxel_cross_entropy, image, label, loss_map, meta_network, meta_input,
-        meta_image, meta_label, virtual_lr=0.1, normalisation=normalisation,
+        meta_image, meta_label, virtual_lr=0.1, normalisation=normalisation, virtual_step_params=virtual_step_params,
     )
     return result.meta_loss, torch.cat([g.flatten() for g in result.grads])
 
@@ -98,3 +98,17 @@ def test_unknown_mode_is_rejected():
     problem = _problem("batch")
     with pytest.raises(ValueError, match="second_order"):
         _meta_gradient("hessian", *problem, "sum")
+
+
+def test_late_layers_virtual_step_is_exact_for_its_own_objective():
+    problem = _problem("batch")
+    _, grad_ref = _meta_gradient("second_order", *problem, "sum", virtual_step_params=["model.2"])
+    _, grad_jvp = _meta_gradient("jvp", *problem, "sum", virtual_step_params=["model.2"])
+    _, grad_full = _meta_gradient("jvp", *problem, "sum")
+    assert ((grad_jvp - grad_ref).norm() / grad_ref.norm()).item() < 1e-8
+    assert not torch.allclose(grad_jvp, grad_full)  # an approximation of MCPM, not MCPM
+
+
+def test_unknown_virtual_step_params_are_rejected():
+    with pytest.raises(ValueError, match="model.9"):
+        _meta_gradient("jvp", *_problem("batch"), "sum", virtual_step_params=["model.9"])

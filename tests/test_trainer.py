@@ -178,6 +178,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
         ({"meta_interval": 0}, "meta_interval"),
         ({"warmup_epochs": -1}, "warmup_epochs"),
         ({"virtual_lr": 0.0}, "virtual_lr"),
+        ({"virtual_step_params": ["decoder"]}, "virtual_step_params"),
     ],
 )
 def test_invalid_options_are_rejected(kwargs, message):
