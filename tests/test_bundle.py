@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +30,7 @@ TINY = {
 }
 
 
-def bundle(command: str, config_names: list[str], cwd: Path, **overrides: object) -> subprocess.CompletedProcess:
+def bundle(command: str, config_names: list[str], cwd: Path, expect_success: bool = True, **overrides: object) -> subprocess.CompletedProcess:
     """Run ``python -m monai.bundle <command>`` with absolute config paths, failing with its output."""
     files = [str(CONFIGS / name) for name in config_names]
     args = [sys.executable, "-m", "monai.bundle", command, "--config_file", repr(files) if len(files) > 1 else files[0]]
@@ -36,7 +38,7 @@ def bundle(command: str, config_names: list[str], cwd: Path, **overrides: object
         args += [f"--{key}", str(value)]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert (result.returncode == 0) == expect_success, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
 
@@ -75,6 +77,22 @@ def test_resume_continues_training(trained, dataset, tmp_path):
     )
     final = torch.load(tmp_path / "models" / "checkpoint_final.pt", weights_only=True)
     assert final["trainer"]["iteration"] == 3 * final["trainer"]["epoch_length"]
+
+
+def test_train_reports_every_data_problem_before_training(dataset, tmp_path):
+    broken = tmp_path / "data"
+    shutil.copytree(dataset, broken)
+    datalist = json.loads((broken / "datalist.json").read_text())
+    datalist["meta"] = []
+    (broken / datalist["training"][1]["label"]).unlink()
+    (broken / "datalist.json").write_text(json.dumps(datalist))
+    result = bundle(
+        "run", ["train.json"], tmp_path, expect_success=False, bundle_root=BUNDLE_ROOT, dataset_dir=broken,
+        ckpt_dir=tmp_path / "models", output_dir=tmp_path, **TINY,
+    )
+    assert "at least one clean meta case" in result.stderr
+    assert datalist["training"][1]["label"] in result.stderr
+    assert not (tmp_path / "models").exists()
 
 
 def test_baseline_from_bundle_root(dataset, tmp_path):
