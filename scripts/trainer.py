@@ -31,11 +31,49 @@ from scripts.meta_net import MetaMaskNet
 
 CORRUPTION_KEY = "corruption_mask"
 WEIGHT_KEY = "weight"
-EPOCH_STATS = ("meta_loss", "weight_mean", "weight_std", "weight_corrupted", "weight_unchanged")
+EPOCH_STATS = ("meta_loss", "weight_mean", "weight_std", "weight_extreme", "weight_corrupted", "weight_unchanged")
+# weights this close to 0 or 1 count as extreme; an epoch with almost only extreme weights has collapsed
+EXTREME_MARGIN = 0.05
+COLLAPSE_FRACTION = 0.95
 
 
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def mcpm_option_problems(
+    meta_gradient: Any = "jvp",
+    virtual_lr: Any = 0.1,
+    weight_normalisation: Any = "sum",
+    meta_interval: Any = 1,
+    warmup_epochs: Any = 0,
+    max_nonfinite_steps: Any = 5,
+) -> list[str]:
+    """Every MCPM option with a wrong type or out of range, each with its value and the allowed range."""
+    problems = []
+    if meta_gradient not in META_GRADIENT_MODES:
+        problems.append(f"meta_gradient must be one of {META_GRADIENT_MODES}, got {meta_gradient!r}")
+    if weight_normalisation not in WEIGHT_NORMALISATIONS:
+        problems.append(f"weight_normalisation must be one of {WEIGHT_NORMALISATIONS}, got {weight_normalisation!r}")
+    if not isinstance(virtual_lr, (int, float)) or isinstance(virtual_lr, bool) or not virtual_lr > 0:
+        problems.append(f"virtual_lr must be a number > 0, got {virtual_lr!r}")
+    for name, value, minimum in (
+        ("meta_interval", meta_interval, 1),
+        ("warmup_epochs", warmup_epochs, 0),
+        ("max_nonfinite_steps", max_nonfinite_steps, 1),
+    ):
+        if not _is_int(value, minimum):
+            problems.append(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return problems
+
+
+def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every value of every tensor is finite, with a single device synchronisation."""
+    return bool(torch.stack([t.detach().isfinite().all() for t in tensors]).all())
 
 
 def _rank_mean(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
@@ -66,6 +104,8 @@ class MCPMTrainer(SupervisedTrainer):
         warmup_epochs: epochs of plain, unweighted training before the meta mask is used.
         virtual_step_params: name prefixes of the parameters the virtual step moves (all when None, which is
             MCPM); a late-layers subset is cheaper but approximates the method (see ``virtual_step_parameters``).
+        max_nonfinite_steps: an iteration whose loss, meta loss, weights or gradients are not finite is skipped
+            with a warning (batch-norm statistics restored); this many in a row stop training.
 
     Under DDP (``network`` wrapped in ``DistributedDataParallel``, a process group initialised) each rank
     computes the meta-gradient on its own shard of the training and meta batches, the ranks average it, and
@@ -94,22 +134,21 @@ class MCPMTrainer(SupervisedTrainer):
         meta_interval: int = 1,
         warmup_epochs: int = 0,
         virtual_step_params: Sequence[str] | None = None,
+        max_nonfinite_steps: int = 5,
         prepare_batch: Callable = default_prepare_batch,
         train_handlers: Sequence | None = None,
         **kwargs: Any,
     ) -> None:
-        if meta_gradient not in META_GRADIENT_MODES:
-            raise ValueError(f"meta_gradient must be one of {META_GRADIENT_MODES}, got {meta_gradient!r}.")
-        if weight_normalisation not in WEIGHT_NORMALISATIONS:
-            raise ValueError(
-                f"weight_normalisation must be one of {WEIGHT_NORMALISATIONS}, got {weight_normalisation!r}."
-            )
-        if not isinstance(meta_interval, int) or meta_interval < 1:
-            raise ValueError(f"meta_interval must be an integer >= 1, got {meta_interval!r}.")
-        if not isinstance(warmup_epochs, int) or warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be an integer >= 0, got {warmup_epochs!r}.")
-        if not virtual_lr > 0:
-            raise ValueError(f"virtual_lr must be > 0, got {virtual_lr!r}.")
+        problems = mcpm_option_problems(
+            meta_gradient=meta_gradient,
+            virtual_lr=virtual_lr,
+            weight_normalisation=weight_normalisation,
+            meta_interval=meta_interval,
+            warmup_epochs=warmup_epochs,
+            max_nonfinite_steps=max_nonfinite_steps,
+        )
+        if problems:
+            raise ValueError("invalid MCPM options: " + "; ".join(problems))
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -129,11 +168,14 @@ class MCPMTrainer(SupervisedTrainer):
         self.weight_normalisation = weight_normalisation
         self.meta_interval = meta_interval
         self.warmup_epochs = warmup_epochs
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self._consecutive_skips = 0
         self.virtual_step_params = None if virtual_step_params is None else list(virtual_step_params)
         virtual_step_parameters(self.unwrapped_network, self.virtual_step_params)  # fail early on a typo
         self._meta_batches: Iterator | None = None
         self._stat_sums: dict[str, list[float]] = {}
         self.add_event_handler(Events.EPOCH_STARTED, self._start_epoch)
+        self.add_event_handler(Events.EPOCH_COMPLETED, self._warn_on_collapse)
         if _world_size() > 1:
             for tensor in self.meta_network.state_dict().values():
                 dist.broadcast(tensor, src=0)
@@ -144,6 +186,16 @@ class MCPMTrainer(SupervisedTrainer):
             sampler.set_epoch(self.state.epoch)
         self._meta_batches = iter(self.meta_data_loader)
         self._stat_sums = {name: [0.0, 0] for name in EPOCH_STATS}
+        self.state.metrics["skipped_steps"] = 0
+
+    def _warn_on_collapse(self, engine: MCPMTrainer) -> None:
+        extreme = self.state.metrics.get("weight_extreme", 0.0)
+        if self.state.epoch > self.warmup_epochs and extreme > COLLAPSE_FRACTION:
+            self.logger.warning(
+                f"epoch {self.state.epoch}: the meta mask has collapsed: {extreme:.0%} of the voxel weights are below "
+                f"{EXTREME_MARGIN} or above {1 - EXTREME_MARGIN} (mean {self.state.metrics['weight_mean']:.3f}); try a "
+                "smaller mcpm#meta_learning_rate or more meta cases."
+            )
 
     def _next_meta_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         try:
@@ -169,6 +221,25 @@ class MCPMTrainer(SupervisedTrainer):
         """Whether this iteration runs a meta step: after warm-up, every ``meta_interval`` iterations."""
         return self.state.epoch > self.warmup_epochs and (self.state.iteration - 1) % self.meta_interval == 0
 
+    def _skip_step(self, buffers_before: list[torch.Tensor]) -> None:
+        """Undo what a non-finite iteration changed, count it, and stop after too many in a row."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for buffer, before in zip(self.network.buffers(), buffers_before):
+                buffer.copy_(before)
+        self._consecutive_skips += 1
+        self.state.metrics["skipped_steps"] += 1
+        message = (
+            f"iteration {self.state.iteration} (epoch {self.state.epoch}): non-finite loss, meta loss, weights or "
+            f"gradients; step skipped ({self._consecutive_skips} in a row)"
+        )
+        if self._consecutive_skips >= self.max_nonfinite_steps:
+            raise RuntimeError(
+                f"{message}. Training stopped after {self.max_nonfinite_steps} consecutive non-finite steps: check "
+                "the data and the learning rates; the newest checkpoint holds the last good state."
+            )
+        self.logger.warning(message)
+
     def _record(self, name: str, value: float) -> None:
         total = self._stat_sums.setdefault(name, [0.0, 0])
         total[0] += value
@@ -178,6 +249,7 @@ class MCPMTrainer(SupervisedTrainer):
     def _record_weights(self, weights: torch.Tensor, corruption: torch.Tensor | None) -> None:
         self._record("weight_mean", weights.mean().item())
         self._record("weight_std", weights.std().item() if weights.numel() > 1 else 0.0)
+        self._record("weight_extreme", ((weights < EXTREME_MARGIN) | (weights > 1 - EXTREME_MARGIN)).float().mean().item())
         if corruption is None:
             return
         corrupted = corruption.to(weights.device).reshape(weights.shape).bool()
@@ -195,6 +267,9 @@ class MCPMTrainer(SupervisedTrainer):
         engine.network.train()
         engine.meta_network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        # a skipped step must not leave non-finite batch-norm running statistics behind
+        buffers_before = [b.detach().clone() for b in engine.network.buffers()]
+        finite = True
 
         with engine._autocast():
             pred = engine.inferer(inputs, engine.network)
@@ -230,11 +305,14 @@ class MCPMTrainer(SupervisedTrainer):
                     engine._autocast,
                     engine.virtual_step_params,
                 )
-                engine.meta_optimizer.zero_grad(set_to_none=True)
-                for p, g in zip((p for p in engine.meta_network.parameters() if p.requires_grad), _rank_mean(grads)):
-                    p.grad = g
-                engine.meta_optimizer.step()
-                engine._record("meta_loss", meta_loss.item())
+                grads = _rank_mean(grads)  # after the reduction, so that every rank takes the same decision
+                finite = _all_finite([meta_loss, *grads])
+                if finite:
+                    engine.meta_optimizer.zero_grad(set_to_none=True)
+                    for p, g in zip((p for p in engine.meta_network.parameters() if p.requires_grad), grads):
+                        p.grad = g
+                    engine.meta_optimizer.step()
+                    engine._record("meta_loss", meta_loss.item())
                 engine.state.output["meta_loss"] = meta_loss
             with torch.no_grad():
                 weights = engine.meta_network(meta_input)
@@ -242,17 +320,22 @@ class MCPMTrainer(SupervisedTrainer):
         engine.state.output.setdefault("meta_loss", torch.tensor(float("nan")))
         engine.state.output[Keys.LOSS] = loss
         engine.state.output[WEIGHT_KEY] = weights.unsqueeze(1)
-        engine._record_weights(weights, corruption)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
-        if engine.amp and engine.scaler is not None:
+        if engine.amp and engine.scaler is not None:  # the scaler itself skips steps with inf/NaN gradients
             engine.scaler.scale(loss).backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.scaler.step(engine.optimizer)
             engine.scaler.update()
         else:
-            loss.backward()
+            loss.backward()  # on every rank, even when non-finite, so that DDP's gradient all-reduce stays in step
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
+            if finite and _all_finite([loss, *(p.grad for p in engine.network.parameters() if p.grad is not None)]):
+                engine.optimizer.step()
+            else:
+                engine._skip_step(buffers_before)
+                return engine.state.output
+        engine._consecutive_skips = 0
+        engine._record_weights(weights, corruption)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output

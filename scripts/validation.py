@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import inspect
 import json
 import logging
 import os
+import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -375,6 +377,87 @@ def check_before_training(datalist: str | Path, dataset_dir: str | Path, num_cla
     """
     counts = validate_datalist(datalist, dataset_dir, num_classes)
     logger.info(f"datalist {datalist} OK: {_summary(counts)}")
+
+
+class ConfigError(ValueError):
+    """Training settings with a wrong type or out of range; ``problems`` lists each with value and range."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("config check failed:\n" + "\n".join(f"  {p}" for p in problems))
+        self.problems = problems
+
+
+MCPM_EXTRA_KEYS = ("meta_learning_rate", "meta_batch_size", "virtual_step_params")
+
+
+def _positive_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _output_dir_problem(name: str, folder: str | Path, min_free_mb: float) -> str | None:
+    """Whether ``folder`` (or its nearest existing parent, as it may not exist yet) is writable with room."""
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{name} {folder}: {existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{name} {folder}: {existing} is not writable"
+    free_mb = shutil.disk_usage(existing).free / 2**20
+    if free_mb < min_free_mb:
+        return f"{name} {folder}: only {free_mb:.0f} MB free on its disk, need at least {min_free_mb:.0f} MB"
+    return None
+
+
+def check_training_config(
+    learning_rate: object,
+    epochs: object,
+    val_interval: object,
+    batch_size: object,
+    num_classes: object,
+    patch_size: object,
+    strides: Sequence[int],
+    mcpm: Mapping[str, object] | None = None,
+    output_dirs: Mapping[str, str] | None = None,
+    min_free_mb: float = 200.0,
+) -> None:
+    """Check the training settings of ``configs/train.json`` before anything runs, all at once.
+
+    ``mcpm`` is the config's ``mcpm`` section (an unknown key there is reported: it is most likely a typo);
+    ``output_dirs`` maps config keys to folders that must be writable, with ``min_free_mb`` free.
+    Raises :py:class:`ConfigError` listing every problem.
+    """
+    from scripts.trainer import mcpm_option_problems  # deferred: it imports the training engines
+
+    problems = []
+    for name, value in (("learning_rate", learning_rate), ("mcpm#meta_learning_rate", (mcpm or {}).get("meta_learning_rate", 1.0))):
+        if not _positive_number(value):
+            problems.append(f"{name} must be a number > 0, got {value!r}")
+    for name, value in (("epochs", epochs), ("val_interval", val_interval), ("batch_size", batch_size), ("mcpm#meta_batch_size", (mcpm or {}).get("meta_batch_size", 1))):
+        if not _positive_int(value):
+            problems.append(f"{name} must be an integer >= 1, got {value!r}")
+    if not (isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes >= 2):
+        problems.append(f"num_classes must be an integer >= 2 (background and at least one class), got {num_classes!r}")
+    factor = int(np.prod(strides))
+    if not (isinstance(patch_size, Sequence) and len(patch_size) == 3 and all(_positive_int(p) and p % factor == 0 for p in patch_size)):
+        problems.append(f"patch_size must be 3 positive integers divisible by {factor} (the product of the network's strides), got {patch_size!r}")
+    if mcpm is not None:
+        options = {k: v for k, v in mcpm.items() if k not in MCPM_EXTRA_KEYS}
+        known = set(inspect.signature(mcpm_option_problems).parameters)
+        unknown = sorted(set(options) - known)
+        if unknown:
+            problems.append(f"mcpm has unknown keys {unknown}; known keys: {sorted(known | set(MCPM_EXTRA_KEYS))}")
+        problems += [f"mcpm#{p}" for p in mcpm_option_problems(**{k: v for k, v in options.items() if k in known})]
+    for name, folder in (output_dirs or {}).items():
+        problem = _output_dir_problem(name, folder, min_free_mb)
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise ConfigError(problems)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -115,4 +115,4 @@ def test_mcpm_epoch_is_close_to_single_process(runs):
 def test_only_rank0_writes_checkpoints(runs):
     final = torch.load(runs / "ddp" / "models" / "checkpoint_final.pt", weights_only=True)
     assert torch.equal(flat(final["model"]), flat(load(runs / "ddp" / "rank0_epoch2.pt")["network"]))
-    assert (runs / "ddp" / "log.txt").read_text().count("Saved checkpoint at epoch: 1") == 1
+    assert (runs / "ddp" / "log.txt").read_text().count("checkpoint_epoch=1.pt") == 1

@@ -198,3 +198,39 @@ def test_empty_meta_loader_is_reported():
     trainer.meta_data_loader = []
     with pytest.raises(Exception, match="meta data loader is empty"):
         trainer.run()
+
+
+def _nan_batch_trainer(nan_cases: set[int], **kwargs) -> MCPMTrainer:
+    trainer = make_trainer(**kwargs)
+    cases = _cases(4, seed=1, corrupt=True)
+    for index in nan_cases:
+        cases[index]["image"] = torch.full_like(cases[index]["image"], float("nan"))
+    trainer.data_loader = DataLoader(cases, batch_size=2, shuffle=False)
+    return trainer
+
+
+def test_nonfinite_step_is_skipped_and_undone():
+    trainer = _nan_batch_trainer({2, 3}, max_epochs=1)  # the second batch is all NaN
+    history = _track(trainer)
+    trainer.run()
+    assert torch.equal(history[1]["seg"], history[0]["seg"])  # nothing applied from the NaN batch
+    assert torch.equal(history[1]["meta"], history[0]["meta"])
+    assert all(torch.isfinite(b).all() for b in trainer.network.buffers())
+    assert trainer.state.metrics["skipped_steps"] == 1
+
+
+def test_too_many_nonfinite_steps_stop_training():
+    trainer = _nan_batch_trainer({0, 1, 2, 3}, max_epochs=3, max_nonfinite_steps=3)
+    with pytest.raises(RuntimeError, match="3 consecutive non-finite steps"):
+        trainer.run()
+    assert trainer.state.iteration == 3
+    assert all(torch.isfinite(p).all() for p in trainer.network.parameters())
+
+
+def test_collapse_is_reported(caplog):
+    meta_network = MetaMaskNet(hidden_channels=(4,), initial_logit=-8.0)  # every weight near 0
+    trainer = make_trainer(meta_network=meta_network)
+    with caplog.at_level("WARNING"):
+        trainer.run()
+    assert "collapsed" in caplog.text
+    assert trainer.state.metrics["weight_extreme"] > 0.95

@@ -373,3 +373,52 @@ def test_fuzz_only_datalist_errors(pristine: Path, seed: int, tmp_path: Path):
         validate_datalist(path, dataset_dir=pristine)
     except DatalistError as error:
         assert error.problems and all(isinstance(problem, str) for problem in error.problems)
+
+
+# --- training settings -------------------------------------------------------------------------------------
+
+from scripts.validation import ConfigError, check_training_config  # noqa: E402
+
+GOOD_SETTINGS = {
+    "learning_rate": 0.002,
+    "epochs": 2,
+    "val_interval": 1,
+    "batch_size": 2,
+    "num_classes": 3,
+    "patch_size": [48, 48, 48],
+    "strides": [2, 2, 2],
+    "mcpm": {"meta_gradient": "jvp", "virtual_lr": 0.1, "weight_normalisation": "sum", "meta_interval": 1, "warmup_epochs": 5,
+             "virtual_step_params": None, "max_nonfinite_steps": 5, "meta_learning_rate": 0.001, "meta_batch_size": 2},
+}
+
+
+def test_good_training_settings_pass(tmp_path):
+    check_training_config(**GOOD_SETTINGS, output_dirs={"ckpt_dir": str(tmp_path / "new" / "models")})
+    assert not (tmp_path / "new").exists()  # the check creates nothing
+
+
+def test_every_bad_training_setting_is_reported_at_once(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    bad = {
+        **GOOD_SETTINGS,
+        "learning_rate": -0.1,
+        "epochs": 0,
+        "patch_size": [20, 48, 48],
+        "mcpm": {**GOOD_SETTINGS["mcpm"], "meta_interval": 0, "meta_gradient": "hessian", "meta_intervall": 2},
+    }
+    with pytest.raises(ConfigError) as error:
+        check_training_config(**bad, output_dirs={"ckpt_dir": str(blocker / "models"), "output_dir": str(tmp_path)}, min_free_mb=1e12)
+    message = str(error.value)
+    for expected in (
+        "learning_rate must be a number > 0, got -0.1",
+        "epochs must be an integer >= 1, got 0",
+        "divisible by 8",
+        "mcpm#meta_interval must be an integer >= 1, got 0",
+        "mcpm#meta_gradient must be one of ('jvp', 'second_order'), got 'hessian'",
+        "unknown keys ['meta_intervall']",
+        f"{blocker} is a file",
+        "MB free",
+    ):
+        assert expected in message
+    assert len(error.value.problems) == 8
