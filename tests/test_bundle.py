@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -17,37 +14,7 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow, verify_metadata
 
-from scripts.data import generate_dataset
-from tests.conftest import BUNDLE_ROOT, TINY_NETWORK
-
-CONFIGS = BUNDLE_ROOT / "configs"
-TINY = {
-    "epochs": 2,
-    "val_interval": 1,
-    "mcpm#warmup_epochs": 1,
-    "patch_size": "[16,16,16]",
-    **{f"network_def#{k}": str(v).replace(" ", "") for k, v in TINY_NETWORK.items()},
-}
-
-
-def bundle(command: str, config_names: list[str], cwd: Path, expect_success: bool = True, **overrides: object) -> subprocess.CompletedProcess:
-    """Run ``python -m monai.bundle <command>`` with absolute config paths, failing with its output."""
-    files = [str(CONFIGS / name) for name in config_names]
-    args = [sys.executable, "-m", "monai.bundle", command, "--config_file", repr(files) if len(files) > 1 else files[0]]
-    for key, value in overrides.items():
-        args += [f"--{key}", str(value)]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert (result.returncode == 0) == expect_success, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data")
-    generate_dataset(out, seed=3, num_training=4, num_meta=2, num_validation=2, num_test=2, shape=(16, 16, 16))
-    return out
-
+from tests.conftest import BUNDLE_ROOT, CONFIGS, TINY, bundle
 
 @pytest.fixture(scope="module")
 def trained(dataset, tmp_path_factory) -> Path:

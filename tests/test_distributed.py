@@ -5,8 +5,6 @@ close to it (under DDP each rank's meta-gradient comes from its own shard, then 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,20 +12,11 @@ import pytest
 import torch
 
 from scripts.data import generate_dataset
-from tests.conftest import BUNDLE_ROOT, TINY_NETWORK
+from tests.conftest import BUNDLE_ROOT, CONFIGS, TINY, bundle
 
-CONFIGS = BUNDLE_ROOT / "configs"
 # one global batch of all 4 training cases per epoch (2 per rank under DDP), no augmentation, no shuffling,
 # instance norm: so that single-process and 2-rank training see the same data in the same order
-SETTINGS = {
-    "epochs": 2,
-    "val_interval": 2,
-    "mcpm#warmup_epochs": 1,
-    "patch_size": "[16,16,16]",
-    "train#random_transforms#1#prob": 0.0,
-    "network_def#norm": "instance",
-    **{f"network_def#{k}": str(v).replace(" ", "") for k, v in TINY_NETWORK.items()},
-}
+SETTINGS = {**TINY, "val_interval": 2, "train#random_transforms#1#prob": 0.0, "network_def#norm": "instance"}
 
 
 def dump_override(path: Path, distributed: bool) -> Path:
@@ -48,16 +37,6 @@ def dump_override(path: Path, distributed: bool) -> Path:
     return path
 
 
-def run_training(config_files: list[Path], cwd: Path, launcher: list[str], **overrides) -> str:
-    args = [*launcher, "-m", "monai.bundle", "run", "--config_file", repr([str(f) for f in config_files])]
-    for key, value in {**SETTINGS, **overrides}.items():
-        args += [f"--{key}", str(value)]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result.stdout + result.stderr
-
-
 def flat(state: dict) -> torch.Tensor:
     """All values as one vector, without the convolution biases that instance norm cancels: their gradient is
     zero up to round-off, which Adam turns into full-size steps of random sign."""
@@ -71,17 +50,17 @@ def runs(tmp_path_factory):
     generate_dataset(data, seed=5, num_training=4, num_meta=2, num_validation=2, num_test=1, shape=(16, 16, 16))
     common = {"bundle_root": BUNDLE_ROOT, "dataset_dir": data}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
-    log = run_training(
-        [CONFIGS / "train.json", CONFIGS / "multi_gpu_train.json", dump_override(root / "ddp.json", True)], root, torchrun,
-        output_dir=root / "ddp", ckpt_dir=root / "ddp" / "models", batch_size=2, **{"mcpm#meta_batch_size": 1, "train#sampler#shuffle": False, "train#meta_sampler#shuffle": False},
-        **common,
+    ddp = bundle(
+        "run", ["train.json", "multi_gpu_train.json", dump_override(root / "ddp.json", True)], root, launcher=torchrun,
+        output_dir=root / "ddp", ckpt_dir=root / "ddp" / "models", batch_size=2, **common,
+        **{**SETTINGS, "mcpm#meta_batch_size": 1, "train#sampler#shuffle": False, "train#meta_sampler#shuffle": False},
     )
-    run_training(
-        [CONFIGS / "train.json", dump_override(root / "single.json", False)], root, [sys.executable],
-        output_dir=root / "single", ckpt_dir=root / "single" / "models", batch_size=4, **{"mcpm#meta_batch_size": 2, "train#dataloader#shuffle": False, "train#meta_dataloader#shuffle": False},
-        **common,
+    bundle(
+        "run", ["train.json", dump_override(root / "single.json", False)], root,
+        output_dir=root / "single", ckpt_dir=root / "single" / "models", batch_size=4, **common,
+        **{**SETTINGS, "mcpm#meta_batch_size": 2, "train#dataloader#shuffle": False, "train#meta_dataloader#shuffle": False},
     )
-    (root / "ddp" / "log.txt").write_text(log)
+    (root / "ddp" / "log.txt").write_text(ddp.stdout + ddp.stderr)
     return root
 
 

@@ -3,32 +3,30 @@ one before, when the newest is damaged) and ends exactly where an uninterrupted 
 
 from __future__ import annotations
 
+import io
 import json
-import os
+import random
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from monai.transforms import Compose, RandFlipd
 
 from scripts.checkpointing import RNGState, TrainingCheckpointer, resolve_resume_path
 from scripts.data import generate_dataset
-from tests.conftest import BUNDLE_ROOT
-from tests.test_bundle import TINY
+from tests.conftest import BUNDLE_ROOT, CONFIGS, TINY, bundle
 
-CONFIGS = BUNDLE_ROOT / "configs"
 SETTINGS = {**TINY, "epochs": 4, "val_interval": 2}  # 2 iterations per epoch; shuffling and augmentation on
 
 
 def train(tmp: Path, data: Path, ckpt_dir: Path, extra_config: Path | None = None, **overrides) -> subprocess.CompletedProcess:
-    files = [str(CONFIGS / "train.json")] + ([str(extra_config)] if extra_config else [])
-    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(files)]
-    for key, value in {**SETTINGS, "bundle_root": BUNDLE_ROOT, "dataset_dir": data, "ckpt_dir": ckpt_dir, "output_dir": tmp, **overrides}.items():
-        args += [f"--{key}", str(value)]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run(args, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+    return bundle(
+        "run", ["train.json"] + ([extra_config] if extra_config else []), tmp, expect_success=None,
+        **{**SETTINGS, "bundle_root": BUNDLE_ROOT, "dataset_dir": data, "ckpt_dir": ckpt_dir, "output_dir": tmp, **overrides},
+    )
 
 
 def kill_at_iteration(path: Path, iteration: int) -> Path:
@@ -94,24 +92,18 @@ def test_resolve_resume_path(tmp_path):
 
 
 def test_rng_state_round_trip():
-    from monai.transforms import Compose, RandFlipd
-
     transforms = Compose([RandFlipd(keys="x", prob=0.5)]).set_random_state(3)
     rng = RNGState(transforms)
-    state = rng.state_dict()
-    draws = (torch.rand(3), transforms.transforms[0].R.rand(), __import__("random").random(), __import__("numpy").random.rand())
-    rng.load_state_dict(torch.load(_saved(state), weights_only=True))
-    assert torch.equal(draws[0], torch.rand(3))
-    assert draws[1:] == (transforms.transforms[0].R.rand(), __import__("random").random(), __import__("numpy").random.rand())
-
-
-def _saved(state: dict) -> str:
-    import io
-
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save(rng.state_dict(), buffer)
+
+    def draw() -> tuple:
+        return torch.rand(3).tolist(), transforms.transforms[0].R.rand(), random.random(), np.random.rand()
+
+    first = draw()
     buffer.seek(0)
-    return buffer
+    rng.load_state_dict(torch.load(buffer, weights_only=True))  # loadable as plain tensors and containers
+    assert draw() == first
 
 
 def test_checkpointer_keeps_the_newest_and_writes_atomically(tmp_path):

@@ -9,8 +9,7 @@ import time
 import mlflow
 import pytest
 
-from tests.test_bundle import TINY, bundle, dataset  # noqa: F401  (dataset is a fixture used by the tests)
-from tests.conftest import BUNDLE_ROOT
+from tests.conftest import BUNDLE_ROOT, TINY, bundle
 
 # MLflow 3.17's SQL store uses an SQLAlchemy 2.1 loader option that SQLAlchemy deprecates
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
@@ -49,7 +48,7 @@ def _the_run(tracking_uri: str, experiment_name: str) -> tuple[mlflow.MlflowClie
     return client, runs[0]
 
 
-def test_mlflow_logs_mcpm_training_to_sqlite(dataset, tmp_path):  # noqa: F811
+def test_mlflow_logs_mcpm_training_to_sqlite(dataset, tmp_path):
     db = tmp_path / "tracking" / "mlruns.db"
     tracking_uri = f"sqlite:///{db}"
     executed_config = tmp_path / "config_executed.json"
@@ -91,7 +90,7 @@ def test_mlflow_logs_mcpm_training_to_sqlite(dataset, tmp_path):  # noqa: F811
     assert list((tmp_path / "out").glob("events.out.tfevents.*"))
 
 
-def test_mlflow_defaults_to_sqlite_in_output_dir(dataset, tmp_path):  # noqa: F811
+def test_mlflow_defaults_to_sqlite_in_output_dir(dataset, tmp_path):
     """The plain `--tracking mlflow`: the database lands in <output_dir>/mlruns.db, experiment monai_experiment."""
     out = tmp_path / "out"
     bundle(
