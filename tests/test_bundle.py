@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow, verify_metadata
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import BUNDLE_ROOT, CONFIGS, TINY, bundle
 
@@ -33,7 +34,14 @@ def test_train_writes_checkpoints(trained):
     final = torch.load(models / "checkpoint_final.pt", weights_only=True)
     assert {"model", "meta_network", "optimizer", "meta_optimizer", "trainer"} <= set(final)
     assert final["trainer"]["iteration"] == TINY["epochs"] * final["trainer"]["epoch_length"]
-    assert list(trained.glob("events.out.tfevents.*")), "TensorBoard logs are missing"
+    tags = {"images": set(), "scalars": set()}
+    for events in trained.glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for kind in tags:
+            tags[kind].update(accumulator.Tags()[kind])
+    assert {"train_loss", "meta_loss", "weight_mean", "weight_corrupted", "weight_unchanged", "val_mean_dice"} <= tags["scalars"]
+    assert tags["images"] == {"image_label_weight"}
 
 
 def test_resume_continues_training(trained, dataset, tmp_path):
