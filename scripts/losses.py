@@ -50,3 +50,22 @@ class VoxelCrossEntropyLoss(nn.Module):
         if self.reduction == "sum":
             return loss_map.sum()
         return loss_map
+
+
+class SmallLossTruncatedLoss(nn.Module):
+    """Mean cross-entropy over the voxels of a batch, leaving out the ``drop_fraction`` with the highest loss.
+
+    Small-loss truncation: voxels whose labels are wrong tend to have high loss, so plain training that ignores
+    the highest-loss ones is a simple baseline for noisy labels that needs no clean meta set.
+    """
+
+    def __init__(self, drop_fraction: float = 0.1) -> None:
+        super().__init__()
+        if not 0 <= drop_fraction < 1:
+            raise ValueError(f"drop_fraction must be in [0, 1), got {drop_fraction!r}.")
+        self.drop_fraction = drop_fraction
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        loss_map = voxel_cross_entropy(logits, label).flatten()
+        keep = max(1, loss_map.numel() - int(self.drop_fraction * loss_map.numel()))
+        return torch.topk(loss_map, keep, largest=False, sorted=False).values.mean()

@@ -113,9 +113,7 @@ def compute_meta_gradient(
     weights = normalise_weights(meta_network(meta_input), normalisation)
 
     def meta_loss_at(virtual: dict[str, torch.Tensor]) -> torch.Tensor:
-        with autocast():
-            logits = functional_call(network, (virtual, buffer_copies(network)), (meta_image,))
-            return loss_function(logits, meta_label).mean()
+        return meta_loss_with(network, loss_function, virtual, meta_image, meta_label, autocast)
 
     if mode == "second_order":
         grads = torch.autograd.grad((weights * loss_map).sum(), list(params.values()), create_graph=True, retain_graph=True)
@@ -127,15 +125,62 @@ def compute_meta_gradient(
     virtual = {name: (p.detach() - virtual_lr * g).requires_grad_() for (name, p), g in zip(params.items(), grads)}
     meta_loss = meta_loss_at(virtual)
     direction = torch.autograd.grad(meta_loss, list(virtual.values()))
+    sensitivity = loss_map_jvp(network, loss_function, image, label, params, direction, autocast)
+    surrogate = -virtual_lr * (weights * sensitivity.to(weights.dtype)).sum()
+    return MetaGradient(meta_loss.detach(), torch.autograd.grad(surrogate, meta_params))
+
+
+def meta_loss_with(
+    network: nn.Module,
+    loss_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    params: dict[str, torch.Tensor],
+    meta_image: torch.Tensor,
+    meta_label: torch.Tensor,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> torch.Tensor:
+    """The mean loss of the meta batch with ``params`` in place of the network's (the others as they are)."""
+    with autocast():
+        logits = functional_call(network, (params, buffer_copies(network)), (meta_image,))
+        return loss_function(logits, meta_label).mean()
+
+
+def loss_map_jvp(
+    network: nn.Module,
+    loss_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    label: torch.Tensor,
+    params: dict[str, torch.Tensor],
+    direction: Sequence[torch.Tensor],
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> torch.Tensor:
+    """s_i = ⟨direction, ∇θ ℓ_i(θ)⟩ for every voxel i: one forward-mode JVP of the loss map along ``direction``
+    (over ``params``; the other parameters enter as constants), detached."""
+    constants = {name: p.detach() for name, p in network.named_parameters() if name not in params}
+    primals = {name: p.detach() for name, p in params.items()}
+    tangents = {name: d.to(p.dtype) for (name, p), d in zip(params.items(), direction)}
 
     def loss_map_at(theta: dict[str, torch.Tensor]) -> torch.Tensor:
         with autocast():
             return loss_function(functional_call(network, (theta, constants, buffer_copies(network)), (image,)), label)
 
-    # parameters outside the virtual step enter the JVP as constants
-    constants = {name: p.detach() for name, p in network.named_parameters() if name not in params}
-    primals = {name: p.detach() for name, p in params.items()}
-    tangents = {name: d.to(p.dtype) for (name, p), d in zip(params.items(), direction)}
-    _, sensitivity = jvp(loss_map_at, (primals,), (tangents,))
-    surrogate = -virtual_lr * (weights * sensitivity.detach().to(weights.dtype)).sum()
-    return MetaGradient(meta_loss.detach(), torch.autograd.grad(surrogate, meta_params))
+    return jvp(loss_map_at, (primals,), (tangents,))[1].detach()
+
+
+def l2rw_weights(
+    network: nn.Module,
+    loss_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    label: torch.Tensor,
+    meta_image: torch.Tensor,
+    meta_label: torch.Tensor,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel-wise learning-to-reweight weights max(0, s_i), s_i = ⟨∇θ L_meta(θ), ∇θ ℓ_i(θ)⟩, and L_meta(θ).
+
+    A voxel gets weight when a step on its loss would lower the loss on the clean meta batch (Ren et al. 2018:
+    the negative gradient of the meta loss after a virtual step with loss coefficients ε, at ε = 0).
+    """
+    params = {name: p.detach().requires_grad_() for name, p in virtual_step_parameters(network).items()}
+    meta_loss = meta_loss_with(network, loss_function, params, meta_image, meta_label, autocast)
+    direction = torch.autograd.grad(meta_loss, list(params.values()))
+    return meta_loss.detach(), loss_map_jvp(network, loss_function, image, label, params, direction, autocast).clamp_min(0)

@@ -1,8 +1,12 @@
-"""An Ignite trainer for Meta Corrupted Pixels Mining (MCPM, Wang et al., MICCAI 2020).
+"""Ignite trainers that re-weight every voxel's loss using a clean meta set.
 
-Each iteration: (1) the per-voxel loss map of the noisy batch; (2) weights from the meta mask network;
-(3) a virtual step of the segmentation network on the weighted loss; (4) a meta step of the meta network on
-a clean meta batch at the virtual parameters; (5) the real step with the updated weights.
+``MCPMTrainer``, Meta Corrupted Pixels Mining (Wang et al., MICCAI 2020). Each iteration: (1) the per-voxel
+loss map of the noisy batch; (2) weights from the meta mask network; (3) a virtual step of the segmentation
+network on the weighted loss; (4) a meta step of the meta network on a clean meta batch at the virtual
+parameters; (5) the real step with the updated weights.
+
+``L2RWTrainer``, pixel-wise learning to reweight (Ren et al., ICML 2018, per pixel as Mirikharaji et al.,
+MIL3ID 2019): the weights are the meta-gradient itself, with no meta network; a baseline for MCPM.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from scripts.meta_gradient import (
     META_GRADIENT_MODES,
     WEIGHT_NORMALISATIONS,
     compute_meta_gradient,
+    l2rw_weights,
     normalise_weights,
     virtual_step_parameters,
 )
@@ -87,29 +92,19 @@ def _rank_mean(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
     return [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
-class MCPMTrainer(SupervisedTrainer):
-    """``SupervisedTrainer`` whose iteration re-weights the voxel losses with a meta-learned mask.
+class MetaReweightTrainer(SupervisedTrainer):
+    """``SupervisedTrainer`` whose iteration re-weights the voxel losses using batches of a clean meta set.
 
-    It takes every ``SupervisedTrainer`` argument (``loss_function`` must return the (B, *spatial) loss
-    map, e.g. ``VoxelCrossEntropyLoss(reduction="none")``) plus:
+    Subclasses say how the weights are found (``_reweight``). It takes every ``SupervisedTrainer`` argument
+    (``loss_function`` must return the (B, *spatial) loss map, e.g. ``VoxelCrossEntropyLoss(reduction="none")``)
+    plus:
 
     Args:
         meta_data_loader: loader of the clean meta set, cycled; restarted each epoch.
-        meta_network: the meta mask network g(φ).
-        meta_optimizer: the optimizer of g(φ).
-        meta_gradient: ``"jvp"`` (default, exact and fast) or ``"second_order"`` (the autograd reference).
-        virtual_lr: α, the step size of the virtual SGD step.
-        weight_normalisation: ``"sum"``, ``"mean"`` or ``"none"`` (see ``normalise_weights``).
-        meta_interval: a meta step every ``meta_interval`` iterations; the current weights apply on all.
-        warmup_epochs: epochs of plain, unweighted training before the meta mask is used.
-        virtual_step_params: name prefixes of the parameters the virtual step moves (all when None, which is
-            MCPM); a late-layers subset is cheaper but approximates the method (see ``virtual_step_parameters``).
+        warmup_epochs: epochs of plain, unweighted training before re-weighting starts.
+        meta_interval: a meta step every ``meta_interval`` iterations.
         max_nonfinite_steps: an iteration whose loss, meta loss, weights or gradients are not finite is skipped
             with a warning (batch-norm statistics restored); this many in a row stop training.
-
-    Under DDP (``network`` wrapped in ``DistributedDataParallel``, a process group initialised) each rank
-    computes the meta-gradient on its own shard of the training and meta batches, the ranks average it, and
-    DDP averages the real step's gradients; the meta network starts from rank 0's parameters.
 
     ``engine.state.output`` holds image, label, pred and loss as in ``SupervisedTrainer``, plus the meta
     loss (NaN on iterations without a meta step) and the weight map. Per-epoch means of the meta loss and
@@ -126,29 +121,16 @@ class MCPMTrainer(SupervisedTrainer):
         optimizer: Optimizer,
         loss_function: Callable,
         meta_data_loader: Iterable,
-        meta_network: MetaMaskNet,
-        meta_optimizer: Optimizer,
-        meta_gradient: str = "jvp",
-        virtual_lr: float = 0.1,
-        weight_normalisation: str = "sum",
-        meta_interval: int = 1,
         warmup_epochs: int = 0,
-        virtual_step_params: Sequence[str] | None = None,
+        meta_interval: int = 1,
         max_nonfinite_steps: int = 5,
         prepare_batch: Callable = default_prepare_batch,
         train_handlers: Sequence | None = None,
         **kwargs: Any,
     ) -> None:
-        problems = mcpm_option_problems(
-            meta_gradient=meta_gradient,
-            virtual_lr=virtual_lr,
-            weight_normalisation=weight_normalisation,
-            meta_interval=meta_interval,
-            warmup_epochs=warmup_epochs,
-            max_nonfinite_steps=max_nonfinite_steps,
-        )
+        problems = mcpm_option_problems(meta_interval=meta_interval, warmup_epochs=warmup_epochs, max_nonfinite_steps=max_nonfinite_steps)
         if problems:
-            raise ValueError("invalid MCPM options: " + "; ".join(problems))
+            raise ValueError("invalid options: " + "; ".join(problems))
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -161,41 +143,28 @@ class MCPMTrainer(SupervisedTrainer):
             **kwargs,
         )
         self.meta_data_loader = meta_data_loader
-        self.meta_network = meta_network.to(self.state.device)
-        self.meta_optimizer = meta_optimizer
-        self.meta_gradient = meta_gradient
-        self.virtual_lr = float(virtual_lr)
-        self.weight_normalisation = weight_normalisation
         self.meta_interval = meta_interval
         self.warmup_epochs = warmup_epochs
         self.max_nonfinite_steps = max_nonfinite_steps
         self._consecutive_skips = 0
-        self.virtual_step_params = None if virtual_step_params is None else list(virtual_step_params)
-        virtual_step_parameters(self.unwrapped_network, self.virtual_step_params)  # fail early on a typo
         self._meta_batches: Iterator | None = None
         self._stat_sums: dict[str, list[float]] = {}
         self.add_event_handler(Events.EPOCH_STARTED, self._start_epoch)
-        self.add_event_handler(Events.EPOCH_COMPLETED, self._warn_on_collapse)
-        if _world_size() > 1:
-            for tensor in self.meta_network.state_dict().values():
-                dist.broadcast(tensor, src=0)
 
-    def _start_epoch(self, engine: MCPMTrainer) -> None:
+    def _reweight(
+        self, inputs: torch.Tensor, targets: torch.Tensor, pred: torch.Tensor, loss_map: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """After warm-up: the weight map in [0, 1] (for logging), the coefficients of the loss map in the real
+        step, and whether the meta step was finite."""
+        raise NotImplementedError
+
+    def _start_epoch(self, engine: MetaReweightTrainer) -> None:
         sampler = getattr(self.meta_data_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.state.epoch)
         self._meta_batches = iter(self.meta_data_loader)
         self._stat_sums = {name: [0.0, 0] for name in EPOCH_STATS}
         self.state.metrics["skipped_steps"] = 0
-
-    def _warn_on_collapse(self, engine: MCPMTrainer) -> None:
-        extreme = self.state.metrics.get("weight_extreme", 0.0)
-        if self.state.epoch > self.warmup_epochs and extreme > COLLAPSE_FRACTION:
-            self.logger.warning(
-                f"epoch {self.state.epoch}: the meta mask has collapsed: {extreme:.0%} of the voxel weights are below "
-                f"{EXTREME_MARGIN} or above {1 - EXTREME_MARGIN} (mean {self.state.metrics['weight_mean']:.3f}); try a "
-                "smaller mcpm#meta_learning_rate or more meta cases."
-            )
 
     def _next_meta_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         try:
@@ -258,14 +227,13 @@ class MCPMTrainer(SupervisedTrainer):
         if (~corrupted).any():
             self._record("weight_unchanged", weights[~corrupted].mean().item())
 
-    def _iteration(self, engine: MCPMTrainer, batchdata: dict[str, torch.Tensor]) -> dict:
+    def _iteration(self, engine: MetaReweightTrainer, batchdata: dict[str, torch.Tensor]) -> dict:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)[:2]
         corruption = batchdata.get(CORRUPTION_KEY) if isinstance(batchdata, dict) else None
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
         engine.network.train()
-        engine.meta_network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         # a skipped step must not leave non-finite batch-norm running statistics behind
         buffers_before = [b.detach().clone() for b in engine.network.buffers()]
@@ -286,37 +254,8 @@ class MCPMTrainer(SupervisedTrainer):
             weights = torch.ones_like(loss_map)
             loss = loss_map.mean()
         else:
-            meta_input = engine.meta_network.build_input(loss_map, pred, targets, inputs)
-            if engine.meta_step_due():
-                meta_image, meta_label = engine._next_meta_batch()
-                meta_loss, grads = compute_meta_gradient(
-                    engine.meta_gradient,
-                    engine.unwrapped_network,
-                    engine.loss_function,
-                    inputs,
-                    targets,
-                    loss_map,
-                    engine.meta_network,
-                    meta_input,
-                    meta_image,
-                    meta_label,
-                    engine.virtual_lr,
-                    engine.weight_normalisation,
-                    engine._autocast,
-                    engine.virtual_step_params,
-                )
-                grads = _rank_mean(grads)  # after the reduction, so that every rank takes the same decision
-                finite = _all_finite([meta_loss, *grads])
-                if finite:
-                    engine.meta_optimizer.zero_grad(set_to_none=True)
-                    for p, g in zip((p for p in engine.meta_network.parameters() if p.requires_grad), grads):
-                        p.grad = g
-                    engine.meta_optimizer.step()
-                    engine._record("meta_loss", meta_loss.item())
-                engine.state.output["meta_loss"] = meta_loss
-            with torch.no_grad():
-                weights = engine.meta_network(meta_input)
-            loss = (normalise_weights(weights, engine.weight_normalisation) * loss_map).sum()
+            weights, coefficients, finite = engine._reweight(inputs, targets, pred, loss_map)
+            loss = (coefficients * loss_map).sum()
         engine.state.output.setdefault("meta_loss", torch.tensor(float("nan")))
         engine.state.output[Keys.LOSS] = loss
         engine.state.output[WEIGHT_KEY] = weights.unsqueeze(1)
@@ -339,3 +278,124 @@ class MCPMTrainer(SupervisedTrainer):
         engine._record_weights(weights, corruption)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+
+class MCPMTrainer(MetaReweightTrainer):
+    """``MetaReweightTrainer`` whose weights come from a meta-learned mask network (MCPM). Its own arguments:
+
+    Args:
+        meta_network: the meta mask network g(φ).
+        meta_optimizer: the optimizer of g(φ).
+        meta_gradient: ``"jvp"`` (default, exact and fast) or ``"second_order"`` (the autograd reference).
+        virtual_lr: α, the step size of the virtual SGD step.
+        weight_normalisation: ``"sum"``, ``"mean"`` or ``"none"`` (see ``normalise_weights``).
+        meta_interval: a meta step every ``meta_interval`` iterations; the current weights apply on all.
+        virtual_step_params: name prefixes of the parameters the virtual step moves (all when None, which is
+            MCPM); a late-layers subset is cheaper but approximates the method (see ``virtual_step_parameters``).
+
+    Under DDP (``network`` wrapped in ``DistributedDataParallel``, a process group initialised) each rank
+    computes the meta-gradient on its own shard of the training and meta batches, the ranks average it, and
+    DDP averages the real step's gradients; the meta network starts from rank 0's parameters.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        network: nn.Module,
+        optimizer: Optimizer,
+        loss_function: Callable,
+        meta_data_loader: Iterable,
+        meta_network: MetaMaskNet,
+        meta_optimizer: Optimizer,
+        meta_gradient: str = "jvp",
+        virtual_lr: float = 0.1,
+        weight_normalisation: str = "sum",
+        virtual_step_params: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        problems = mcpm_option_problems(meta_gradient=meta_gradient, virtual_lr=virtual_lr, weight_normalisation=weight_normalisation)
+        if problems:
+            raise ValueError("invalid MCPM options: " + "; ".join(problems))
+        super().__init__(device, max_epochs, train_data_loader, network, optimizer, loss_function, meta_data_loader, **kwargs)
+        self.meta_network = meta_network.to(self.state.device)
+        self.meta_optimizer = meta_optimizer
+        self.meta_gradient = meta_gradient
+        self.virtual_lr = float(virtual_lr)
+        self.weight_normalisation = weight_normalisation
+        self.virtual_step_params = None if virtual_step_params is None else list(virtual_step_params)
+        virtual_step_parameters(self.unwrapped_network, self.virtual_step_params)  # fail early on a typo
+        self.add_event_handler(Events.EPOCH_COMPLETED, self._warn_on_collapse)
+        if _world_size() > 1:
+            for tensor in self.meta_network.state_dict().values():
+                dist.broadcast(tensor, src=0)
+
+    def _warn_on_collapse(self, engine: MCPMTrainer) -> None:
+        extreme = self.state.metrics.get("weight_extreme", 0.0)
+        if self.state.epoch > self.warmup_epochs and extreme > COLLAPSE_FRACTION:
+            self.logger.warning(
+                f"epoch {self.state.epoch}: the meta mask has collapsed: {extreme:.0%} of the voxel weights are below "
+                f"{EXTREME_MARGIN} or above {1 - EXTREME_MARGIN} (mean {self.state.metrics['weight_mean']:.3f}); try a "
+                "smaller mcpm#meta_learning_rate or more meta cases."
+            )
+
+    def _reweight(
+        self, inputs: torch.Tensor, targets: torch.Tensor, pred: torch.Tensor, loss_map: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        self.meta_network.train()
+        meta_input = self.meta_network.build_input(loss_map, pred, targets, inputs)
+        finite = True
+        if self.meta_step_due():
+            meta_image, meta_label = self._next_meta_batch()
+            meta_loss, grads = compute_meta_gradient(
+                self.meta_gradient,
+                self.unwrapped_network,
+                self.loss_function,
+                inputs,
+                targets,
+                loss_map,
+                self.meta_network,
+                meta_input,
+                meta_image,
+                meta_label,
+                self.virtual_lr,
+                self.weight_normalisation,
+                self._autocast,
+                self.virtual_step_params,
+            )
+            grads = _rank_mean(grads)  # after the reduction, so that every rank takes the same decision
+            finite = _all_finite([meta_loss, *grads])
+            if finite:
+                self.meta_optimizer.zero_grad(set_to_none=True)
+                for p, g in zip((p for p in self.meta_network.parameters() if p.requires_grad), grads):
+                    p.grad = g
+                self.meta_optimizer.step()
+                self._record("meta_loss", meta_loss.item())
+            self.state.output["meta_loss"] = meta_loss
+        with torch.no_grad():
+            weights = self.meta_network(meta_input)
+        return weights, normalise_weights(weights, self.weight_normalisation), finite
+
+
+class L2RWTrainer(MetaReweightTrainer):
+    """``MetaReweightTrainer`` whose weights are the meta-gradient itself, with no meta network: pixel-wise
+    learning to reweight (Ren et al. 2018; Mirikharaji et al. 2019), the baseline that MCPM replaces.
+
+    For loss coefficients ε at 0, w_i ∝ max(0, −∂L_meta(θ − α Σ_j ε_j ∇θ ℓ_j)/∂ε_i) = α max(0, s_i), with
+    s_i = ⟨∇θ L_meta(θ), ∇θ ℓ_i(θ)⟩: one meta forward and backward at θ and one JVP of the loss map
+    (``l2rw_weights``). The coefficients are w / Σw; the logged weight map is w / max(w). Iterations between
+    meta steps (``meta_interval`` > 1) train with uniform weights.
+    """
+
+    def _reweight(
+        self, inputs: torch.Tensor, targets: torch.Tensor, pred: torch.Tensor, loss_map: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        if not self.meta_step_due():
+            return torch.ones_like(loss_map), normalise_weights(torch.ones_like(loss_map), "sum"), True
+        meta_image, meta_label = self._next_meta_batch()
+        meta_loss, raw = l2rw_weights(self.unwrapped_network, self.loss_function, inputs, targets, meta_image, meta_label, self._autocast)
+        finite = _all_finite([meta_loss, raw])
+        self._record("meta_loss", meta_loss.item())
+        self.state.output["meta_loss"] = meta_loss
+        return raw / raw.max().clamp_min(1e-12), normalise_weights(raw, "sum"), finite

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from scripts.losses import voxel_cross_entropy
-from scripts.meta_gradient import compute_meta_gradient, normalise_weights
+from scripts.meta_gradient import buffer_copies, compute_meta_gradient, l2rw_weights, normalise_weights
 from scripts.meta_net import MetaMaskNet
 from tests.conftest import tiny_unet
 
@@ -112,3 +112,23 @@ def test_late_layers_virtual_step_is_exact_for_its_own_objective():
 def test_unknown_virtual_step_params_are_rejected():
     with pytest.raises(ValueError, match="model.9"):
         _meta_gradient("jvp", *_problem("batch"), "sum", virtual_step_params=["model.9"])
+
+
+def test_l2rw_weights_are_the_negative_meta_gradient_of_the_loss_coefficients():
+    """Ren et al.'s definition through autograd: ε = 0, θ̂ = θ − α ∇θ Σ ε_i ℓ_i, w = max(0, −∂L_meta(θ̂)/∂ε) / α."""
+    network, _, image, label, meta_image, meta_label = _problem("batch")
+    meta_loss, weights = l2rw_weights(network, voxel_cross_entropy, image, label, meta_image, meta_label)
+
+    alpha = 0.1
+    params = dict(network.named_parameters())
+    eps = torch.zeros(label.shape[:1] + label.shape[2:], dtype=torch.float64, requires_grad=True)
+    loss_map = voxel_cross_entropy(torch.func.functional_call(network, (params, buffer_copies(network)), (image,)), label)
+    grads = torch.autograd.grad((eps * loss_map).sum(), list(params.values()), create_graph=True)
+    virtual = {n: p - alpha * g for (n, p), g in zip(params.items(), grads)}
+    reference_meta_loss = voxel_cross_entropy(torch.func.functional_call(network, (virtual, buffer_copies(network)), (meta_image,)), meta_label).mean()
+    (d_eps,) = torch.autograd.grad(reference_meta_loss, eps)
+    expected = (-d_eps / alpha).clamp_min(0)
+
+    assert torch.isclose(meta_loss, reference_meta_loss.detach())
+    assert (weights > 0).any() and (weights == 0).any()
+    assert torch.allclose(weights, expected, rtol=1e-8, atol=1e-12)

@@ -14,7 +14,7 @@ from monai.handlers import CheckpointLoader
 
 from scripts.losses import VoxelCrossEntropyLoss
 from scripts.meta_net import MetaMaskNet
-from scripts.trainer import MCPMTrainer
+from scripts.trainer import L2RWTrainer, MCPMTrainer
 from tests.conftest import tiny_unet
 
 
@@ -234,3 +234,26 @@ def test_collapse_is_reported(caplog):
         trainer.run()
     assert "collapsed" in caplog.text
     assert trainer.state.metrics["weight_extreme"] > 0.95
+
+
+def test_l2rw_trainer_weights_from_the_meta_gradient():
+    network = tiny_unet(out_channels=2)
+    trainer = L2RWTrainer(
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=DataLoader(_cases(4, seed=1, corrupt=True), batch_size=2, shuffle=False),
+        network=network,
+        optimizer=torch.optim.Adam(network.parameters(), 1e-2),
+        loss_function=VoxelCrossEntropyLoss(reduction="none"),
+        meta_data_loader=DataLoader(_cases(2, seed=2), batch_size=1, shuffle=False),
+    )
+    seg0 = _flat(network)
+    outputs = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: outputs.append(engine.state.output))
+    trainer.run()
+    for output in outputs:
+        weights = torch.stack([o["weight"] for o in output])
+        assert weights.min() >= 0 and torch.isclose(weights.max(), torch.tensor(1.0))
+        assert (weights == 0).any()  # voxels whose step would not help the meta batch get no weight
+    assert not torch.equal(_flat(network), seg0)
+    assert math.isfinite(trainer.state.metrics["meta_loss"])
