@@ -74,14 +74,16 @@ class TrainingCheckpointer:
     """Save ``save_dict`` atomically (a temporary file, then a rename) every ``save_interval`` epochs as
     ``checkpoint_epoch=N.pt``, keeping the newest ``n_saved``, and as ``checkpoint_final.pt`` at the end.
 
-    A run killed at any moment leaves only complete checkpoints under these names.
+    A run killed at any moment leaves only complete checkpoints under these names. Entries that are None
+    (such as the AMP gradient scaler of a run without AMP) are left out; ``save_dict`` is what a
+    ``CheckpointLoader`` should load into.
     """
 
     def __init__(self, save_dir: str, save_dict: dict, n_saved: int = 2, save_interval: int = 1) -> None:
         if n_saved < 1 or save_interval < 1:
             raise ValueError(f"n_saved and save_interval must be >= 1, got {n_saved} and {save_interval}.")
         self.save_dir = save_dir
-        self.save_dict = save_dict
+        self.save_dict = {name: obj for name, obj in save_dict.items() if obj is not None}
         self.n_saved = n_saved
         self.save_interval = save_interval
 

@@ -111,8 +111,11 @@ def test_checkpointer_keeps_the_newest_and_writes_atomically(tmp_path):
 
     model = torch.nn.Linear(2, 2)
     engine = Engine(lambda e, b: None)
-    TrainingCheckpointer(str(tmp_path), {"model": model, "trainer": engine}, n_saved=2).attach(engine)
+    checkpointer = TrainingCheckpointer(str(tmp_path), {"model": model, "trainer": engine, "scaler": None}, n_saved=2)
+    checkpointer.attach(engine)
     engine.run([0], max_epochs=4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=3.pt", "checkpoint_epoch=4.pt", "checkpoint_final.pt"]
+    assert set(checkpointer.save_dict) == {"model", "trainer"}  # no AMP scaler without AMP
+    assert set(torch.load(tmp_path / "checkpoint_final.pt", weights_only=True)) == {"model", "trainer"}
     with pytest.raises(ValueError, match="n_saved"):
         TrainingCheckpointer(str(tmp_path), {"model": model}, n_saved=0)
