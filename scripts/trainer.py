@@ -300,13 +300,7 @@ class MCPMTrainer(MetaReweightTrainer):
 
     def __init__(
         self,
-        device: str | torch.device,
-        max_epochs: int,
-        train_data_loader: Iterable,
-        network: nn.Module,
-        optimizer: Optimizer,
-        loss_function: Callable,
-        meta_data_loader: Iterable,
+        *args: Any,
         meta_network: MetaMaskNet,
         meta_optimizer: Optimizer,
         meta_gradient: str = "jvp",
@@ -318,7 +312,7 @@ class MCPMTrainer(MetaReweightTrainer):
         problems = mcpm_option_problems(meta_gradient=meta_gradient, virtual_lr=virtual_lr, weight_normalisation=weight_normalisation)
         if problems:
             raise ValueError("invalid MCPM options: " + "; ".join(problems))
-        super().__init__(device, max_epochs, train_data_loader, network, optimizer, loss_function, meta_data_loader, **kwargs)
+        super().__init__(*args, **kwargs)
         self.meta_network = meta_network.to(self.state.device)
         self.meta_optimizer = meta_optimizer
         self.meta_gradient = meta_gradient
