@@ -1,27 +1,38 @@
 #!/usr/bin/env bash
-# Set up the bundle's Python environment (.venv, pinned requirements) and run the main job or the tests.
+# Set up the bundle's Python environments (pinned requirements) and run the main job or the tests.
 #   bash run.sh main [options of scripts/demo.py]   # default data, MCPM vs plain training, Dice table
 #   bash run.sh test [pytest options]               # the test suite (what CI runs)
+# .venv (requirements.txt) runs everything; `test` also builds .venv-monailabel (requirements-monailabel.txt), the
+# MONAI Label server that tests/test_monailabel.py starts (docs/monailabel.md says why it is a venv of its own).
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# setup_venv VENV REQUIREMENTS: create VENV and install REQUIREMENTS into it, unless its stamp says they are in.
+setup_venv() {
+    local venv=$1 requirements=$2
+    local stamp="$venv/.requirements.sha256"
+    local wanted
+    wanted=$(sha256sum "$requirements" | cut -d' ' -f1)
+    if [ ! -x "$venv/bin/python" ]; then
+        python3 -m venv "$venv"
+    fi
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+        echo "installing the pinned $requirements into $venv ..."
+        "$venv/bin/python" -m pip install --quiet --upgrade pip
+        "$venv/bin/python" -m pip install --quiet -r "$requirements"
+        echo "$wanted" > "$stamp"
+    fi
+}
+
 venv=.venv
-stamp="$venv/.requirements.sha256"
-wanted=$(sha256sum requirements.txt | cut -d' ' -f1)
-if [ ! -x "$venv/bin/python" ]; then
-    python3 -m venv "$venv"
-fi
-if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
-    echo "installing the pinned requirements into $venv ..."
-    "$venv/bin/python" -m pip install --quiet --upgrade pip
-    "$venv/bin/python" -m pip install --quiet -r requirements.txt
-    echo "$wanted" > "$stamp"
-fi
+setup_venv "$venv" requirements.txt
 
 command=${1:-}
 shift || true
 case "$command" in
     main) exec "$venv/bin/python" -m scripts.demo "$@" ;;
-    test) exec "$venv/bin/python" -m pytest tests "$@" ;;
+    test)
+        setup_venv .venv-monailabel requirements-monailabel.txt
+        exec "$venv/bin/python" -m pytest tests "$@" ;;
     *) echo "usage: bash run.sh main|test [options]" >&2; exit 2 ;;
 esac
