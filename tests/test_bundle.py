@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -22,8 +23,16 @@ def trained(dataset, tmp_path_factory) -> Path:
     """MCPM training run from an unrelated folder with an absolute config path and --bundle_root."""
     out = tmp_path_factory.mktemp("mcpm")
     elsewhere = tmp_path_factory.mktemp("elsewhere")
-    bundle("run", ["train.json"], elsewhere, bundle_root=BUNDLE_ROOT, dataset_dir=dataset, ckpt_dir=out / "models", output_dir=out, **TINY)
+    result = bundle("run", ["train.json"], elsewhere, bundle_root=BUNDLE_ROOT, dataset_dir=dataset, ckpt_dir=out / "models", output_dir=out, **TINY)
+    (out / "train.log").write_text(result.stdout + result.stderr)
     return out
+
+
+def test_train_shows_progress_and_epoch_statistics(trained):
+    log = (trained / "train.log").read_text()
+    assert re.search(rf"Epoch \[{TINY['epochs']}/{TINY['epochs']}\]: \[\d/2\]", log)  # ignite's progress bar
+    assert "datalist" in log and "OK: training=4 meta=2" in log  # the data check ran first
+    assert "weight_corrupted" in log and "meta_loss" in log
 
 
 def test_train_writes_checkpoints(trained):
