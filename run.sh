@@ -14,7 +14,7 @@ setup_venv() {
     local wanted
     wanted=$(sha256sum "$requirements" | cut -d' ' -f1)
     if [ ! -x "$venv/bin/python" ]; then
-        python3 -m venv "$venv"
+        "$(command -v python3.11 || command -v python3)" -m venv "$venv"
     fi
     if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
         echo "installing the pinned $requirements into $venv ..."

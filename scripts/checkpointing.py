@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
-import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +36,13 @@ class RNGState:
     """The random number generators a training run draws from, as a checkpointable object.
 
     Covers torch (CPU and CUDA), NumPy's and Python's global generators, and the private generators of the
-    random MONAI transforms in ``transforms`` (crops, flips), so that a resumed run draws the same data order
+    random MONAI transforms in ``transforms`` (crops, flips; one ``Compose`` per data loader, since loaders that
+    prefetch in threads must not share transform instances), so that a resumed run draws the same data order
     and augmentation as an uninterrupted one.
     """
 
-    def __init__(self, transforms: Compose | None = None) -> None:
-        self.transforms = [t for t in (transforms.flatten().transforms if transforms else ()) if isinstance(t, Randomizable)]
+    def __init__(self, transforms: Sequence[Compose] = ()) -> None:
+        self.transforms = [t for compose in transforms for t in compose.flatten().transforms if isinstance(t, Randomizable)]
 
     def state_dict(self) -> dict[str, Any]:
         python_version, python_state, python_gauss = random.getstate()
@@ -61,8 +61,8 @@ class RNGState:
                 f"{len(self.transforms)}: resume with the preprocessing the checkpoint was made with."
             )
         torch.set_rng_state(state["torch"])
-        if state["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
         np.random.set_state(_numpy_state_from_tensors(state["numpy"]))
         python = state["python"]
         random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
@@ -106,30 +106,48 @@ class TrainingCheckpointer:
                 engine.add_event_handler(event, lambda _, c=checkpoint: logger.info(f"saved checkpoint {Path(self.save_dir) / c.last_checkpoint}"))
 
 
-def _epoch_of(path: Path) -> int:
-    match = re.fullmatch(r"checkpoint_epoch=(\d+)\.pt", path.name)
-    return int(match.group(1)) if match else -1
+def _saved_epoch(checkpoint: Mapping[str, Any]) -> int | None:
+    """The epoch a checkpoint was written at, from the trainer state ignite stores (None without one)."""
+    trainer = checkpoint.get("trainer")
+    if not isinstance(trainer, Mapping) or not trainer.get("epoch_length"):
+        return None
+    return int(trainer["iteration"]) // int(trainer["epoch_length"])
 
 
-def resolve_resume_path(resume_from: str, ckpt_dir: str) -> str:
-    """The checkpoint to resume from: ``""`` for none, a file path as given, or ``"latest"`` for the newest
-    complete checkpoint in ``ckpt_dir`` (the final one first, then by epoch), skipping any that cannot be read.
+def _check_epochs_left(path: Path, checkpoint: Mapping[str, Any], max_epochs: int | None) -> None:
+    epoch = _saved_epoch(checkpoint)
+    if max_epochs is not None and epoch is not None and epoch >= max_epochs:
+        # ignite would silently start the whole schedule again from epoch 1
+        raise ValueError(f"{path} was saved at epoch {epoch}, and epochs is {max_epochs}: nothing is left to train; raise --epochs to train longer.")
+
+
+def resolve_resume_path(resume_from: str, ckpt_dir: str, max_epochs: int | None = None) -> str:
+    """The checkpoint to resume from: ``""`` for none, a file path as given, or ``"latest"`` for the most
+    recently written readable checkpoint in ``ckpt_dir``, skipping (with a warning) any that is damaged.
+
+    Raises when the chosen checkpoint already reached ``max_epochs``.
     """
     if not resume_from:
         return ""
     if resume_from != "latest":
-        if not Path(resume_from).is_file():
+        path = Path(resume_from)
+        if not path.is_file():
             raise FileNotFoundError(f"resume_from: no checkpoint file at {resume_from}.")
+        _check_epochs_left(path, torch.load(path, map_location="cpu", weights_only=True), max_epochs)
         return resume_from
     folder = Path(ckpt_dir)
-    epochs = sorted(folder.glob("checkpoint_epoch=*.pt"), key=_epoch_of, reverse=True)
-    candidates = [p for p in [folder / FINAL_NAME] if p.is_file()] + epochs
+    candidates = sorted(
+        [p for p in folder.glob("checkpoint_epoch=*.pt")] + [p for p in [folder / FINAL_NAME] if p.is_file()],
+        key=lambda p: p.stat().st_mtime_ns,
+        reverse=True,
+    )
     for path in candidates:
         try:
-            torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # a damaged file of any kind is skipped, and said so
             logger.warning(f"skipping damaged checkpoint {path}: {type(error).__name__}: {str(error).splitlines()[0]}")
             continue
+        _check_epochs_left(path, checkpoint, max_epochs)
         logger.info(f"resuming from {path}")
         return str(path)
     raise FileNotFoundError(f"resume_from='latest': no readable checkpoint in {folder} (looked at {[p.name for p in candidates]}).")

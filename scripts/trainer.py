@@ -77,8 +77,12 @@ def mcpm_option_problems(
 
 
 def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether every value of every tensor is finite, with a single device synchronisation."""
-    return bool(torch.stack([t.detach().isfinite().all() for t in tensors]).all())
+    """Whether every value of every tensor is finite, on every rank (so that all take the same branch), with a
+    single device synchronisation."""
+    flag = torch.stack([t.detach().isfinite().all() for t in tensors]).all().float()
+    if _world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
 
 
 def _rank_mean(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
@@ -261,19 +265,21 @@ class MetaReweightTrainer(SupervisedTrainer):
         engine.state.output[WEIGHT_KEY] = weights.unsqueeze(1)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
-        if engine.amp and engine.scaler is not None:  # the scaler itself skips steps with inf/NaN gradients
-            engine.scaler.scale(loss).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
+        scaler = engine.scaler if engine.amp else None
+        # on every rank, even when non-finite, so that DDP's gradient all-reduce stays in step
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        # the scaler checks (scaled) gradients itself; without it, check them here
+        gradients = [] if scaler is not None else [p.grad for p in engine.network.parameters() if p.grad is not None]
+        meta_step_ok = torch.tensor(0.0 if finite else float("nan"), device=loss.device)
+        if not _all_finite([meta_step_ok, loss, *gradients]):
+            engine._skip_step(buffers_before)
+            return engine.state.output
+        if scaler is not None:
+            scaler.step(engine.optimizer)
+            scaler.update()
         else:
-            loss.backward()  # on every rank, even when non-finite, so that DDP's gradient all-reduce stays in step
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            if finite and _all_finite([loss, *(p.grad for p in engine.network.parameters() if p.grad is not None)]):
-                engine.optimizer.step()
-            else:
-                engine._skip_step(buffers_before)
-                return engine.state.output
+            engine.optimizer.step()
         engine._consecutive_skips = 0
         engine._record_weights(weights, corruption)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)

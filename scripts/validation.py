@@ -440,6 +440,11 @@ def check_training_config(
     for name, value in (("epochs", epochs), ("val_interval", val_interval), ("batch_size", batch_size), ("mcpm#meta_batch_size", (mcpm or {}).get("meta_batch_size", 1))):
         if not _positive_int(value):
             problems.append(f"{name} must be an integer >= 1, got {value!r}")
+    if _positive_int(epochs) and _positive_int(val_interval) and val_interval > epochs:
+        problems.append(f"val_interval ({val_interval}) is larger than epochs ({epochs}): no validation would run, so no model.pt would be saved")
+    warmup = (mcpm or {}).get("warmup_epochs", 0)
+    if mcpm is not None and _positive_int(epochs) and isinstance(warmup, int) and warmup >= epochs:
+        problems.append(f"mcpm#warmup_epochs ({warmup}) is not below epochs ({epochs}): the meta-reweighting would never start")
     if not (isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes >= 2):
         problems.append(f"num_classes must be an integer >= 2 (background and at least one class), got {num_classes!r}")
     factor = int(np.prod(strides))

@@ -8,6 +8,7 @@ import json
 import random
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -84,16 +85,19 @@ def test_resolve_resume_path(tmp_path):
         resolve_resume_path("latest", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         resolve_resume_path(str(tmp_path / "missing.pt"), str(tmp_path))
-    for epoch in (1, 2, 10):
-        torch.save({"epoch": torch.tensor(epoch)}, tmp_path / f"checkpoint_epoch={epoch}.pt")
-    assert resolve_resume_path("latest", str(tmp_path)).endswith("checkpoint_epoch=10.pt")  # by epoch, not by name
+    for epoch in (2, 10, 1):  # written in this order: the newest file wins, whatever its name
+        torch.save({"trainer": {"iteration": 4 * epoch, "epoch_length": 4}}, tmp_path / f"checkpoint_epoch={epoch}.pt")
+        time.sleep(0.01)
+    assert resolve_resume_path("latest", str(tmp_path)).endswith("checkpoint_epoch=1.pt")
     (tmp_path / "checkpoint_final.pt").write_bytes(b"not a checkpoint")
-    assert resolve_resume_path("latest", str(tmp_path)).endswith("checkpoint_epoch=10.pt")
+    assert resolve_resume_path("latest", str(tmp_path), max_epochs=5).endswith("checkpoint_epoch=1.pt")
+    with pytest.raises(ValueError, match="saved at epoch 10, and epochs is 10"):
+        resolve_resume_path(str(tmp_path / "checkpoint_epoch=10.pt"), str(tmp_path), max_epochs=10)
 
 
 def test_rng_state_round_trip():
     transforms = Compose([RandFlipd(keys="x", prob=0.5)]).set_random_state(3)
-    rng = RNGState(transforms)
+    rng = RNGState([transforms])
     buffer = io.BytesIO()
     torch.save(rng.state_dict(), buffer)
 

@@ -95,7 +95,7 @@ def test_mlflow_defaults_to_sqlite_in_output_dir(dataset, tmp_path):
     out = tmp_path / "out"
     bundle(
         "run", ["train.json"], tmp_path, bundle_root=BUNDLE_ROOT, dataset_dir=dataset,
-        ckpt_dir=tmp_path / "models", output_dir=out, **{**TINY, "epochs": 1}, tracking="mlflow",
+        ckpt_dir=tmp_path / "models", output_dir=out, **{**TINY, "epochs": 1, "mcpm#warmup_epochs": 0}, tracking="mlflow",
     )
     client, run = _the_run(f"sqlite:///{out / 'mlruns.db'}", "monai_experiment")
     assert run.info.status == "FINISHED"

@@ -381,7 +381,7 @@ from scripts.validation import ConfigError, check_training_config  # noqa: E402
 
 GOOD_SETTINGS = {
     "learning_rate": 0.002,
-    "epochs": 2,
+    "epochs": 10,
     "val_interval": 1,
     "batch_size": 2,
     "num_classes": 3,
@@ -422,3 +422,10 @@ def test_every_bad_training_setting_is_reported_at_once(tmp_path):
     ):
         assert expected in message
     assert len(error.value.problems) == 8
+
+
+def test_schedules_that_would_never_validate_or_reweight_are_rejected():
+    with pytest.raises(ConfigError) as error:
+        check_training_config(**{**GOOD_SETTINGS, "epochs": 4, "val_interval": 5})
+    assert "no model.pt would be saved" in str(error.value)
+    assert "would never start" in str(error.value)  # warmup_epochs 5 >= epochs 4
