@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .corruption import RandErodeDilateLabeld
+from .corruption import RandErodeDilateLabeld, RandLabelCorruptiond, make_corruption
 
 __all__ = ["SPLITS", "generate_dataset", "make_case"]
 
@@ -218,7 +219,7 @@ def _write_case(
     case_id: str,
     shape: Sequence[int],
     affine: np.ndarray,
-    corrupter: RandErodeDilateLabeld,
+    corrupter: RandLabelCorruptiond,
 ) -> dict:
     """Draw one case, corrupt its label if it is a training case, write its files and return its datalist entry."""
     image, label = make_case(np.random.default_rng(case_seed), shape)
@@ -245,6 +246,7 @@ def generate_dataset(
     spacing: Sequence[float] = (1.5, 1.5, 2.0),
     corrupt_fraction: float = 0.5,
     radius: Sequence[int] = (2, 3),
+    corruption: str | Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """
@@ -269,6 +271,8 @@ def generate_dataset(
         spacing: voxel spacing written to the NIfTI headers.
         corrupt_fraction: probability that a training label is corrupted, in [0, 1].
         radius: inclusive integer range of the erosion/dilation radius in voxels.
+        corruption: another noise model instead of erosion/dilation: a preset name or spec of
+            :py:func:`scripts.corruption.make_corruption` (``radius`` is then unused); recorded in the datalist.
         overwrite: replace the files this generator writes if ``out_dir`` already holds any of them.
 
     Raises:
@@ -286,9 +290,14 @@ def generate_dataset(
         "spacing": [float(s) for s in spacing],
         "corrupt_fraction": float(corrupt_fraction),
         "radius": [int(r) for r in radius],
+        # as JSON gives it back, so that a spec with tuples still matches the recorded one when reused
+        **({"corruption": json.loads(json.dumps(corruption))} if corruption is not None else {}),
     }
     _validate(generator)
-    corrupter = RandErodeDilateLabeld(keys="label", prob=corrupt_fraction, radius=tuple(generator["radius"]))
+    if corruption is None:
+        corrupter: RandLabelCorruptiond = RandErodeDilateLabeld(keys="label", prob=corrupt_fraction, radius=tuple(generator["radius"]))
+    else:
+        corrupter = make_corruption(corruption, prob=corrupt_fraction)
     corruption_seed = np.random.SeedSequence(generator["seed"], spawn_key=(len(SPLITS),)).generate_state(1)[0]
     corrupter.set_random_state(int(corruption_seed))
 
@@ -334,6 +343,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--spacing", type=float, nargs=3, default=[1.5, 1.5, 2.0])
     parser.add_argument("--corrupt_fraction", type=float, default=0.5)
     parser.add_argument("--radius", type=int, nargs=2, default=[2, 3], help="min and max erosion/dilation radius")
+    parser.add_argument(
+        "--corruption",
+        type=lambda text: json.loads(text) if text.lstrip().startswith("{") else text,
+        help="another noise model: a preset name of scripts.corruption.PRESETS or a JSON spec (default: erosion/dilation)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an existing dataset")
     args = vars(parser.parse_args(argv))
     path = generate_dataset(**args)

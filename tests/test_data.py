@@ -218,3 +218,22 @@ def test_cli(tmp_path):
     datalist = json.loads(Path(lines[0]).read_text())
     assert datalist["generator"]["seed"] == 2 and datalist["generator"]["corrupt_fraction"] == 1.0
     assert len(datalist["validation"]) == 0
+
+
+def test_other_noise_models_from_the_corruption_library(tmp_path):
+    spec = {"model": "affine", "shift": (1.0, 2.0)}  # a tuple, which JSON turns into a list
+    kwargs = dict(seed=4, num_training=3, num_meta=1, num_validation=0, num_test=0, shape=(16, 16, 16), corrupt_fraction=1.0)
+    path = generate_dataset(tmp_path / "a", corruption=spec, **kwargs)
+    datalist = json.loads(path.read_text())
+    assert datalist["generator"]["corruption"] == {"model": "affine", "shift": [1.0, 2.0]}
+    assert generate_dataset(tmp_path / "a", corruption=spec, **kwargs) == path  # reused, not refused
+    for entry in datalist["training"]:
+        label = np.asarray(nib.load(tmp_path / "a" / entry["label"]).dataobj)
+        clean = np.asarray(nib.load(tmp_path / "a" / entry["clean_label"]).dataobj)
+        mask = np.asarray(nib.load(tmp_path / "a" / entry["corruption_mask"]).dataobj)
+        assert entry["corrupted"] and np.array_equal(mask.astype(bool), label != clean)
+    again = generate_dataset(tmp_path / "b", corruption=spec, **kwargs)
+    first = nib.load(tmp_path / "a" / datalist["training"][0]["label"]).get_fdata()
+    assert np.array_equal(first, nib.load(again.parent / datalist["training"][0]["label"]).get_fdata())
+    with pytest.raises(ValueError, match="unknown corruption preset"):
+        generate_dataset(tmp_path / "c", corruption="no_such_preset", **kwargs)
