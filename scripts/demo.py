@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import subprocess
 import sys
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
         bundle_run([*configs, "evaluate.json"], **overrides)
         results[method] = read_case_dice(out / "val_mean_dice_raw.csv")
 
-    table = results_table(results, class_names=["blob", "tube"])
+    labels = json.loads(datalist.read_text())["labels"]
+    table = results_table(results, class_names=[labels[k] for k in sorted(labels, key=int) if k != "0"])
     summary = f"Dice on the clean test labels ({time.time() - start:.0f} s in all):\n\n{table}\n"
     (args.work_dir / "results.md").write_text(summary)
     print("\n" + summary)

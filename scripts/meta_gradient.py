@@ -112,18 +112,15 @@ def compute_meta_gradient(
     meta_params = [p for p in meta_network.parameters() if p.requires_grad]
     weights = normalise_weights(meta_network(meta_input), normalisation)
 
-    def meta_loss_at(virtual: dict[str, torch.Tensor]) -> torch.Tensor:
-        return meta_loss_with(network, loss_function, virtual, meta_image, meta_label, autocast)
-
     if mode == "second_order":
         grads = torch.autograd.grad((weights * loss_map).sum(), list(params.values()), create_graph=True, retain_graph=True)
         virtual = {name: p - virtual_lr * g for (name, p), g in zip(params.items(), grads)}
-        meta_loss = meta_loss_at(virtual)
+        meta_loss = meta_loss_with(network, loss_function, virtual, meta_image, meta_label, autocast)
         return MetaGradient(meta_loss.detach(), torch.autograd.grad(meta_loss, meta_params))
 
     grads = torch.autograd.grad((weights.detach() * loss_map).sum(), list(params.values()), retain_graph=True)
     virtual = {name: (p.detach() - virtual_lr * g).requires_grad_() for (name, p), g in zip(params.items(), grads)}
-    meta_loss = meta_loss_at(virtual)
+    meta_loss = meta_loss_with(network, loss_function, virtual, meta_image, meta_label, autocast)
     direction = torch.autograd.grad(meta_loss, list(virtual.values()))
     sensitivity = loss_map_jvp(network, loss_function, image, label, params, direction, autocast)
     surrogate = -virtual_lr * (weights * sensitivity.to(weights.dtype)).sum()

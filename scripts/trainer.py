@@ -12,6 +12,7 @@ MIL3ID 2019): the weights are the meta-gradient itself, with no meta network; a 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -220,16 +221,20 @@ class MetaReweightTrainer(SupervisedTrainer):
         self.state.metrics[name] = total[0] / total[1]
 
     def _record_weights(self, weights: torch.Tensor, corruption: torch.Tensor | None) -> None:
-        self._record("weight_mean", weights.mean().item())
-        self._record("weight_std", weights.std().item() if weights.numel() > 1 else 0.0)
-        self._record("weight_extreme", ((weights < EXTREME_MARGIN) | (weights > 1 - EXTREME_MARGIN)).float().mean().item())
-        if corruption is None:
-            return
-        corrupted = corruption.to(weights.device).reshape(weights.shape).bool()
-        if corrupted.any():
-            self._record("weight_corrupted", weights[corrupted].mean().item())
-        if (~corrupted).any():
-            self._record("weight_unchanged", weights[~corrupted].mean().item())
+        """Add this iteration's weight statistics to the epoch means, with a single device synchronisation."""
+        stats = {
+            "weight_mean": weights.mean(),
+            "weight_std": weights.std() if weights.numel() > 1 else torch.zeros((), device=weights.device),
+            "weight_extreme": ((weights < EXTREME_MARGIN) | (weights > 1 - EXTREME_MARGIN)).float().mean(),
+        }
+        if corruption is not None:
+            corrupted = corruption.to(weights.device).reshape(weights.shape).float()
+            # NaN (not recorded) when a batch has no voxel of that kind
+            stats["weight_corrupted"] = (weights * corrupted).sum() / corrupted.sum()
+            stats["weight_unchanged"] = (weights * (1 - corrupted)).sum() / (1 - corrupted).sum()
+        for name, value in zip(stats, torch.stack(list(stats.values())).float().tolist()):
+            if not math.isnan(value):
+                self._record(name, value)
 
     def _iteration(self, engine: MetaReweightTrainer, batchdata: dict[str, torch.Tensor]) -> dict:
         if batchdata is None:
@@ -271,8 +276,8 @@ class MetaReweightTrainer(SupervisedTrainer):
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         # the scaler checks (scaled) gradients itself; without it, check them here
         gradients = [] if scaler is not None else [p.grad for p in engine.network.parameters() if p.grad is not None]
-        meta_step_ok = torch.tensor(0.0 if finite else float("nan"), device=loss.device)
-        if not _all_finite([meta_step_ok, loss, *gradients]):
+        # ``finite`` is already the same on every rank, so every rank reaches the same collectives
+        if not (finite and _all_finite([loss, *gradients])):
             engine._skip_step(buffers_before)
             return engine.state.output
         if scaler is not None:

@@ -371,9 +371,9 @@ def _summary(counts: dict[str, int]) -> str:
 
 def check_before_training(datalist: str | Path, dataset_dir: str | Path, num_classes: int) -> None:
     """
-    Validate the datalist from a bundle config's ``initialize`` list, so that a broken dataset stops the run
-    before any training, e.g. ``"$scripts.validation.check_before_training(@datalist, @dataset_dir,
-    @num_classes)"``. Raises :py:class:`DatalistError` listing the problems.
+    Validate the datalist as the first step of a bundle's ``run`` list (``check_data`` in ``configs/train.json``,
+    a ``_target_`` component, so that ``scripts`` is importable from any folder), so that a broken dataset stops
+    the run before any training. Raises :py:class:`DatalistError` listing the problems.
     """
     counts = validate_datalist(datalist, dataset_dir, num_classes)
     logger.info(f"datalist {datalist} OK: {_summary(counts)}")
