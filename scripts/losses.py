@@ -57,15 +57,28 @@ class SmallLossTruncatedLoss(nn.Module):
 
     Small-loss truncation: voxels whose labels are wrong tend to have high loss, so plain training that ignores
     the highest-loss ones is a simple baseline for noisy labels that needs no clean meta set.
+
+    With ``per_class`` (the default) the fraction is dropped within each labelled class: the foreground of a
+    segmentation is often a few percent of the voxels and has the highest losses early on, so a global cut of
+    10% would drop nearly all of it and the network would learn background only (0.11 mean Dice against 0.74
+    for plain training in the benchmark's noise-free quick setting).
     """
 
-    def __init__(self, drop_fraction: float = 0.1) -> None:
+    def __init__(self, drop_fraction: float = 0.1, per_class: bool = True) -> None:
         super().__init__()
         if not 0 <= drop_fraction < 1:
             raise ValueError(f"drop_fraction must be in [0, 1), got {drop_fraction!r}.")
         self.drop_fraction = drop_fraction
+        self.per_class = per_class
+
+    def _smallest(self, losses: torch.Tensor) -> torch.Tensor:
+        keep = max(1, losses.numel() - int(self.drop_fraction * losses.numel()))
+        return torch.topk(losses, keep, largest=False, sorted=False).values
 
     def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         loss_map = voxel_cross_entropy(logits, label).flatten()
-        keep = max(1, loss_map.numel() - int(self.drop_fraction * loss_map.numel()))
-        return torch.topk(loss_map, keep, largest=False, sorted=False).values.mean()
+        if not self.per_class:
+            return self._smallest(loss_map).mean()
+        classes = label.flatten().long()
+        kept = [self._smallest(loss_map[classes == c]) for c in torch.unique(classes)]
+        return torch.cat(kept).mean()

@@ -27,7 +27,20 @@ def test_loss_map_is_per_voxel_cross_entropy():
 def test_small_loss_truncation_drops_the_highest_losses():
     logits, label = _batch()
     losses = voxel_cross_entropy(logits, label).flatten().sort().values
-    assert torch.allclose(SmallLossTruncatedLoss(0.25)(logits, label), losses[: 96].mean())
+    assert torch.allclose(SmallLossTruncatedLoss(0.25, per_class=False)(logits, label), losses[: 96].mean())
     assert torch.allclose(SmallLossTruncatedLoss(0.0)(logits, label), losses.mean())
     with pytest.raises(ValueError, match="drop_fraction"):
         SmallLossTruncatedLoss(1.0)
+
+
+def test_small_loss_truncation_per_class_keeps_every_class():
+    # a rare class whose voxels all have the highest losses: a global cut drops it, a per-class cut keeps 3 of 4
+    label = torch.zeros(1, 1, 4, 4, 4)
+    label[0, 0, 0, 0, :] = 1
+    logits = torch.zeros(1, 2, 4, 4, 4)
+    logits[:, 0] = 2.0 + torch.arange(64.0).reshape(4, 4, 4) / 64  # background right, rare class wrong
+    losses = voxel_cross_entropy(logits, label).flatten()
+    rare = label.flatten() == 1
+    expected = torch.cat([losses[~rare].sort().values[:45], losses[rare].sort().values[:3]]).mean()
+    assert torch.allclose(SmallLossTruncatedLoss(0.25)(logits, label), expected)
+    assert torch.allclose(SmallLossTruncatedLoss(0.25, per_class=False)(logits, label), losses[~rare].sort().values[:48].mean())
