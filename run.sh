@@ -2,6 +2,7 @@
 # Set up the bundle's Python environments (pinned requirements) and run the main job or the tests.
 #   bash run.sh main [options of scripts/demo.py]   # default data, MCPM vs plain training, Dice table
 #   bash run.sh test [pytest options]               # the test suite (what CI runs)
+#   bash run.sh benchmark [options of scripts/benchmark.py]  # MCPM against every baseline over noise settings and seeds
 # .venv (requirements.txt) runs everything; `test` also builds .venv-monailabel (requirements-monailabel.txt), the
 # MONAI Label server that tests/test_monailabel.py starts (docs/monailabel.md says why it is a venv of its own).
 set -euo pipefail
@@ -31,8 +32,9 @@ command=${1:-}
 shift || true
 case "$command" in
     main) exec "$venv/bin/python" -m scripts.demo "$@" ;;
+    benchmark) exec "$venv/bin/python" -m scripts.benchmark "$@" ;;
     test)
         setup_venv .venv-monailabel requirements-monailabel.txt
         exec "$venv/bin/python" -m pytest tests "$@" ;;
-    *) echo "usage: bash run.sh main|test [options]" >&2; exit 2 ;;
+    *) echo "usage: bash run.sh main|test|benchmark [options]" >&2; exit 2 ;;
 esac

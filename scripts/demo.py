@@ -10,46 +10,17 @@ Each step runs the bundle's own configs through ``python -m monai.bundle run``, 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from scripts.benchmark import METHODS as BENCHMARK_METHODS
+from scripts.benchmark import BUNDLE_ROOT, bundle_run, nanmean, read_case_dice
 from scripts.data import generate_dataset
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = BUNDLE_ROOT / "configs"
 # plain training on the clean versions of the same training cases is the upper bound MCPM aims for
-METHODS = {
-    "MCPM": ["train.json"],
-    "plain": ["train.json", "train_baseline.json"],
-    "clean": ["train.json", "train_baseline.json", "train_clean_labels.json"],
-}
-
-
-def bundle_run(config_names: list[str], **overrides: object) -> None:
-    """Run ``python -m monai.bundle run`` on the merged configs with ``--key value`` overrides."""
-    files = [str(CONFIGS / name) for name in config_names]
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(files)]
-    for key, value in overrides.items():
-        command += [f"--{key}", str(value)]
-    subprocess.run(command, check=True, cwd=BUNDLE_ROOT)
-
-
-def read_case_dice(csv_path: Path) -> dict[str, list[float]]:
-    """Per-case Dice of each foreground class from a MetricsSaver ``*_raw.csv``."""
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    classes = [c for c in rows[0] if c not in ("filename", "mean")]
-    return {Path(r["filename"]).name.split(".")[0]: [float(r[c]) for c in classes] for r in rows}
-
-
-def nanmean(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else math.nan
+METHODS = {"MCPM": "mcpm", "plain": "plain", "clean": "clean"}
 
 
 def results_table(results: dict[str, dict[str, list[float]]], class_names: list[str]) -> str:
@@ -84,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     datalist = generate_dataset(args.dataset_dir, seed=args.seed)
     print(f"dataset: {datalist}", flush=True)
     results = {}
-    for method, configs in METHODS.items():
+    for method, name in METHODS.items():
+        configs = BENCHMARK_METHODS[name].configs
         out = (args.work_dir / method).resolve()
         overrides = {"bundle_root": BUNDLE_ROOT, "dataset_dir": args.dataset_dir.resolve(), "ckpt_dir": out / "models", "output_dir": out}
         if args.epochs is not None:
