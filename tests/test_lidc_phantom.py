@@ -14,21 +14,12 @@ from scripts import lidc, lidc_phantom
 from scripts.data import SPLITS
 from scripts.lidc_phantom import generate_lidc_phantom, make_phantom
 from scripts.validation import validate_datalist
+from tests.conftest import needs_lidc_database
 
 TINY = {"num_training": 4, "num_meta": 1, "num_validation": 1, "num_test": 1}
 SHAPE = (32, 32, 16)
 
 
-def missing_database() -> str:
-    """Why the tests that read the LIDC database cannot run (what to install), or ""."""
-    try:
-        lidc.database_path()
-    except FileNotFoundError as error:
-        return str(error)
-    return ""
-
-
-needs_database = pytest.mark.skipif(bool(missing_database()), reason=missing_database())
 
 
 def load(path: Path) -> np.ndarray:
@@ -64,7 +55,7 @@ def test_make_phantom_intensities():
     assert -0.95 < np.median(image[~nodule]) < -0.7 and image.min() >= -1.024  # parenchyma, clipped at air
 
 
-@needs_database
+@needs_lidc_database
 def test_files_labels_and_sources(dataset):
     datalist = json.loads(dataset.read_text())
     folder = dataset.parent
@@ -102,7 +93,7 @@ def test_files_labels_and_sources(dataset):
             assert record["dice"] == pytest.approx(lidc.dice(label.astype(bool), clean), abs=1e-6)
 
 
-@needs_database
+@needs_lidc_database
 def test_splits_are_disjoint_by_patient(dataset):
     datalist = json.loads(dataset.read_text())
     patients = {split: set() for split in SPLITS}
@@ -111,7 +102,7 @@ def test_splits_are_disjoint_by_patient(dataset):
     assert sum(map(len, patients.values())) == len(set().union(*patients.values())) == 7
 
 
-@needs_database
+@needs_lidc_database
 def test_datalist_is_valid_and_loads_with_monai(dataset):
     assert validate_datalist(dataset, dataset.parent, num_classes=2) == {
         "training": 4,
@@ -124,7 +115,7 @@ def test_datalist_is_valid_and_loads_with_monai(dataset):
     assert Path(training[0]["corruption_mask"]).is_file() and isinstance(training[0]["corrupted"], bool)
 
 
-@needs_database
+@needs_lidc_database
 def test_deterministic_per_seed_and_stable_evaluation_cases(dataset, tmp_path):
     again = generate_lidc_phantom(tmp_path / "again", seed=0, **TINY)
     assert again.read_text() == dataset.read_text()
@@ -139,7 +130,7 @@ def test_deterministic_per_seed_and_stable_evaluation_cases(dataset, tmp_path):
     assert evaluation(more["sources"]) == evaluation(json.loads(dataset.read_text())["sources"])
 
 
-@needs_database
+@needs_lidc_database
 def test_reuse_refuse_and_command_line(dataset, capsys):
     before = stat_files(dataset.parent)
     assert generate_lidc_phantom(dataset.parent, seed=0, **TINY) == dataset
@@ -179,7 +170,7 @@ def test_bad_arguments_are_named(kwargs, name, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@needs_database
+@needs_lidc_database
 def test_too_few_nodules(tmp_path, monkeypatch):
     db = lidc.load_database(scan_ids=list(range(1, 9)))
     monkeypatch.setattr(lidc_phantom, "_database", lambda: db)
