@@ -491,8 +491,8 @@ def plot_dice_vs_noise(rows: Sequence[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     families = list(dict.fromkeys(r["family"] for r in rows))
-    widths = [max(1, len({r["setting"] for r in rows if r["family"] == f})) for f in families]
-    fig, axes = plt.subplots(1, len(families), figsize=(4 + 1.2 * sum(widths), 4), sharey=True, squeeze=False, width_ratios=widths)
+    widths = [max(1.5, len({r["setting"] for r in rows if r["family"] == f})) for f in families]
+    fig, axes = plt.subplots(1, len(families), figsize=(3 + 1.5 * sum(widths), 4.5), sharey=True, squeeze=False, width_ratios=widths)
     for ax, family in zip(axes[0], families):
         settings = list(dict.fromkeys(r["setting"] for r in rows if r["family"] == family))
         for method in dict.fromkeys(r["method"] for r in rows):
@@ -505,13 +505,14 @@ def plot_dice_vs_noise(rows: Sequence[dict[str, Any]], path: Path) -> None:
             if points:
                 x, mean, std = map(np.array, zip(*sorted(points)))
                 ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=METHODS[method].label if method in METHODS else method)
-        ax.set_title(family)
-        ax.set_xlabel("changed share of training foreground voxels (%)")
+        ax.set_title(family.replace(" (", "\n("), fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("mean Dice on clean test labels")
-    axes[0][-1].legend(fontsize=8, loc="lower left")
+    axes[0][0].set_ylabel("mean Dice on clean test labels (± std over seeds)")
+    fig.supxlabel("changed voxels, % of the clean training foreground", fontsize=9)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
