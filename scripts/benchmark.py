@@ -1,9 +1,10 @@
 """Benchmark MCPM against its baselines over noise settings and seeds, with one command.
 
-For every setting (a noise model and strength) and seed it generates a synthetic dataset, trains each method on
-it through ``python -m monai.bundle run`` with the bundle's own configs (same network, data, schedule and number
-of updates for all), evaluates on the clean test labels with ``evaluate.json``, and scores the training labels
-with the trained networks (:py:mod:`scripts.audit`). Then it writes into ``--out_dir``:
+For every setting (a noise model and strength) and seed it generates a dataset (synthetic, or real LIDC-IDRI
+nodules with single-reader labels), trains each method on it through ``python -m monai.bundle run`` with the
+bundle's own configs (same network, data, schedule and number of updates for all), evaluates on the clean test
+labels with ``evaluate.json``, and scores the training labels with the trained networks (:py:mod:`scripts.audit`).
+Then it writes into ``--out_dir``:
 
 - ``results.csv``: one row per run (Dice per class, HD95, training time, corruption detection);
 - ``results.md``: mean +- std over seeds per setting and method, gap closed, detection figures;
