@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up the bundle's Python environments (pinned requirements) and run the main job or the tests.
-#   bash run.sh main [options of scripts/demo.py]   # default data, MCPM vs plain training, Dice table
+#   bash run.sh main [options of scripts/experiments/demo.py]   # default data, MCPM vs plain training, Dice table
 #   bash run.sh test [pytest options]               # the test suite (what CI runs)
-#   bash run.sh benchmark [options of scripts/benchmark.py]  # MCPM against every baseline over noise settings and seeds
+#   bash run.sh benchmark [options of scripts/experiments/benchmark.py]  # MCPM against every baseline over noise settings and seeds
 # .venv (requirements.txt) runs everything; `test` also builds .venv-monailabel (requirements-monailabel.txt), the
 # MONAI Label server that tests/test_monailabel.py starts (docs/monailabel.md says why it is a venv of its own).
 set -euo pipefail
@@ -31,8 +31,8 @@ setup_venv "$venv" requirements.txt
 command=${1:-}
 shift || true
 case "$command" in
-    main) exec "$venv/bin/python" -m scripts.demo "$@" ;;
-    benchmark) exec "$venv/bin/python" -m scripts.benchmark "$@" ;;
+    main) exec "$venv/bin/python" -m scripts.experiments.demo "$@" ;;
+    benchmark) exec "$venv/bin/python" -m scripts.experiments.benchmark "$@" ;;
     test)
         setup_venv .venv-monailabel requirements-monailabel.txt
         exec "$venv/bin/python" -m pytest tests "$@" ;;

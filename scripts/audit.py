@@ -30,8 +30,8 @@ from scipy import ndimage
 from scipy.stats import rankdata
 from torch import nn
 
-from .losses import voxel_cross_entropy
-from .meta_net import MetaMaskNet
+from scripts.losses import voxel_cross_entropy
+from scripts.meta_net import MetaMaskNet
 
 __all__ = [
     "CaseScore",

@@ -74,7 +74,7 @@ def bundle(
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     """A tiny generated dataset: 4 training (partly corrupted), 2 meta, 2 validation and 2 test cases of 16^3."""
-    from scripts.data import generate_dataset
+    from scripts.data.synthetic import generate_dataset
 
     out = tmp_path_factory.mktemp("data")
     generate_dataset(out, seed=3, num_training=4, num_meta=2, num_validation=2, num_test=2, shape=(16, 16, 16))

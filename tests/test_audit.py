@@ -16,8 +16,8 @@ from monai.metrics import compute_roc_auc
 
 from scripts.audit import CaseScore, auroc, case_ranking, detection_summary, ranking_quality
 from scripts.audit import main as audit_main
-from scripts.corruption import morph_per_class
-from scripts.data import generate_dataset
+from scripts.data.corruption import morph_per_class
+from scripts.data.synthetic import generate_dataset
 from tests.conftest import BUNDLE_ROOT, CONFIGS
 
 

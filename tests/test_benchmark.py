@@ -9,7 +9,7 @@ import math
 import matplotlib.image
 import pytest
 
-from scripts import benchmark
+from scripts.experiments import benchmark
 from tests.conftest import needs_lidc_database
 
 # one corrupted setting, a tiny network on 16^3 volumes, 2 epochs: every method, every output, in about 2 minutes

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from monai.data import load_decathlon_datalist
 
-from scripts.convert import DEFAULT_DATALIST, lits_datalist, main, msd_datalist, split_cases, write_datalist
-from scripts.validation import check_before_training, validate_datalist
+from scripts.data.datalists import DEFAULT_DATALIST, lits_datalist, main, msd_datalist, split_cases, write_datalist
+from scripts.checks import check_before_training, validate_datalist
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("training", "meta", "validation", "test")
@@ -199,7 +199,7 @@ def test_cli_main(task_dir: Path, capsys):
 
 def test_cli_subprocess(lits_dir: Path, tmp_path: Path):
     out = tmp_path / "lits.json"
-    command = [sys.executable, "-m", "scripts.convert", "lits", "--lits_dir", str(lits_dir), "--num_meta", "2"]
+    command = [sys.executable, "-m", "scripts.data.datalists", "lits", "--lits_dir", str(lits_dir), "--num_meta", "2"]
     command += ["--num_validation", "1", "--num_test", "1", "--seed", "7", "--out", str(out), "--check"]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -10,7 +10,7 @@ import torch
 from monai.data import MetaTensor
 from scipy import ndimage
 
-from scripts.corruption import (
+from scripts.data.corruption import (
     MODELS,
     PRESETS,
     RandAddBlobLabeld,

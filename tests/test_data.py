@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from monai.data import load_decathlon_datalist
 
-from scripts.data import SPLITS, generate_dataset, make_case
+from scripts.data.synthetic import SPLITS, generate_dataset, make_case
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"num_training": 3, "num_meta": 1, "num_validation": 1, "num_test": 1, "shape": (16, 18, 20)}

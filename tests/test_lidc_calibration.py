@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scripts.corruption import PRESETS, RandMarkovNoiseLabeld, RandMixedCorruptiond, ball, make_corruption
+from scripts.data.corruption import PRESETS, RandMarkovNoiseLabeld, RandMixedCorruptiond, ball, make_corruption
 from scripts.lidc import Nodule
-from scripts.lidc_calibration import (
+from scripts.lidc.calibration import (
     QUANTILES,
     calibrate_lidc_preset,
     compare,

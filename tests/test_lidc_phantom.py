@@ -1,4 +1,4 @@
-"""Tests of scripts/lidc_phantom.py: LIDC-IDRI consensus nodules in synthetic patches, single-reader training labels."""
+"""Tests of scripts/lidc/phantom.py: LIDC-IDRI consensus nodules in synthetic patches, single-reader training labels."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from monai.data import load_decathlon_datalist
 
-from scripts import lidc, lidc_phantom
-from scripts.data import SPLITS
-from scripts.lidc_phantom import generate_lidc_phantom, make_phantom
-from scripts.validation import validate_datalist
+from scripts import lidc
+from scripts.lidc import phantom as lidc_phantom
+from scripts.data.synthetic import SPLITS
+from scripts.lidc.phantom import generate_lidc_phantom, make_phantom
+from scripts.checks import validate_datalist
 from tests.conftest import needs_lidc_database
 
 TINY = {"num_training": 4, "num_meta": 1, "num_validation": 1, "num_test": 1}

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from monai.bundle import ConfigParser
 
-from scripts.data import generate_dataset
+from scripts.data.synthetic import generate_dataset
 from tests.conftest import BUNDLE_ROOT
 
 VENV_PYTHON = BUNDLE_ROOT / ".venv-monailabel" / "bin" / "python"

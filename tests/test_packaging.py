@@ -24,7 +24,7 @@ import yaml
 from monai.bundle import ConfigParser, download_large_files, load
 from monai.networks.nets import UNet
 
-from scripts.package import BUNDLE_NAME, package_bundle
+from tools.package import BUNDLE_NAME, package_bundle
 from tests.conftest import BUNDLE_ROOT
 
 CONFIGS = BUNDLE_ROOT / "configs"
@@ -75,7 +75,7 @@ def download(url: str, bundle_dir: Path) -> subprocess.CompletedProcess:
 def dist(tmp_path_factory) -> Path:
     """The release zip of this bundle, made with the CLI as a maintainer would."""
     out = tmp_path_factory.mktemp("dist")
-    result = check(run_module("scripts.package", "--out_dir", out, cwd=BUNDLE_ROOT))
+    result = check(run_module("tools.package", "--out_dir", out, cwd=BUNDLE_ROOT))
     assert result.stdout.strip() == str(out / ZIP_NAME)
     return out
 
@@ -162,7 +162,7 @@ def test_package_refuses_stale_large_file_hashes(fake_bundle, tmp_path):
 
 
 def test_package_refuses_to_overwrite(dist, fake_bundle, tmp_path):
-    result = run_module("scripts.package", "--out_dir", dist, "--no_weights", cwd=BUNDLE_ROOT)
+    result = run_module("tools.package", "--out_dir", dist, "--no_weights", cwd=BUNDLE_ROOT)
     assert result.returncode != 0 and f"{dist / ZIP_NAME} already exists" in result.stderr
     zip_path = package_bundle(fake_bundle, tmp_path)
     with pytest.raises(FileExistsError, match=zip_path.name):

@@ -17,7 +17,7 @@ import torch
 from monai.transforms import Compose, RandFlipd
 
 from scripts.checkpointing import RNGState, TrainingCheckpointer, resolve_resume_path
-from scripts.data import generate_dataset
+from scripts.data.synthetic import generate_dataset
 from tests.conftest import BUNDLE_ROOT, CONFIGS, TINY, bundle
 
 SETTINGS = {**TINY, "epochs": 4, "val_interval": 2}  # 2 iterations per epoch; shuffling and augmentation on

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from scripts.step_benchmark import VARIANTS, main
+from scripts.experiments.step_benchmark import VARIANTS, main
 
 
 def test_step_benchmark_runs_all_variants_on_cpu():

@@ -15,8 +15,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts.data import SPLITS, generate_dataset
-from scripts.validation import DatalistError, check_before_training, validate_datalist
+from scripts.data.synthetic import SPLITS, generate_dataset
+from scripts.checks import DatalistError, check_before_training, validate_datalist
 
 # ITK's SWIG bindings warn about their own types when they load
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type .* has no __module__ attribute:DeprecationWarning")
@@ -300,7 +300,7 @@ def test_several_problems_in_one_error(datalist: Path):
 
 
 def test_check_before_training(datalist: Path, caplog):
-    with caplog.at_level(logging.INFO, logger="scripts.validation"):
+    with caplog.at_level(logging.INFO, logger="scripts.checks"):
         check_before_training(datalist, datalist.parent, 3)
     assert "OK: training=3 meta=1 validation=1 test=1" in caplog.text
     with pytest.raises(DatalistError, match="outside 0..1"):
@@ -308,7 +308,7 @@ def test_check_before_training(datalist: Path, caplog):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "scripts.validation", *args]
+    command = [sys.executable, "-m", "scripts.checks", *args]
     return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
 
 
@@ -377,7 +377,7 @@ def test_fuzz_only_datalist_errors(pristine: Path, seed: int, tmp_path: Path):
 
 # --- training settings -------------------------------------------------------------------------------------
 
-from scripts.validation import ConfigError, check_training_config  # noqa: E402
+from scripts.checks import ConfigError, check_training_config  # noqa: E402
 
 GOOD_SETTINGS = {
     "learning_rate": 0.002,

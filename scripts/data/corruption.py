@@ -731,7 +731,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # LIDC-IDRI reader disagreement (DESIGN.md section 5, docs/corruption.md), for nodule labels on their native CT
     # grid: one of a shrinking (theta1=0.25, T=6, theta2=0.15) and a balanced (theta1=0.5, T=3, theta2=0.15) Markov
     # boundary noise, weights 1:2, without the final blur (sigma=1 erases nodules a few slices thick). Chosen by
-    # `python -m scripts.lidc_calibration --num_nodules 300 --seed 0` (best of 15 specs, ~40 s): against 956 reader
+    # `python -m scripts.lidc.calibration --num_nodules 300 --seed 0` (best of 15 specs, ~40 s): against 956 reader
     # masks of 300 nodules, each compared with the consensus of the other readers, quantiles 5/25/50/75/95 % are
     #   Dice          readers 0.54 0.71 0.79 0.85 0.92, preset 0.58 0.71 0.79 0.85 0.91 (KS 0.036)
     #   volume ratio  readers 0.46 0.76 0.97 1.22 1.77, preset 0.53 0.80 0.95 1.18 1.56 (KS 0.074)

@@ -14,8 +14,8 @@ Then it writes into ``--out_dir``:
 Finished runs are kept (``<out_dir>/runs/<setting>/seed<k>/<method>/result.json``), so an interrupted benchmark
 continues where it stopped and more seeds can be added later.
 
-    python -m scripts.benchmark --mode quick   # 2 CPU cores, under 30 minutes
-    python -m scripts.benchmark --mode full    # meant for a GPU
+    python -m scripts.experiments.benchmark --mode quick   # 2 CPU cores, under 30 minutes
+    python -m scripts.experiments.benchmark --mode full    # meant for a GPU
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ import torch
 from monai.bundle import run as run_workflow
 
 from scripts.audit import CaseScore, detection_summary, load_trained, score_cases
-from scripts.data import generate_dataset
+from scripts.data.synthetic import generate_dataset
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = BUNDLE_ROOT / "configs"
 
 
@@ -71,14 +71,14 @@ METHODS: dict[str, Method] = {
 @dataclass(frozen=True)
 class Setting:
     """A noise setting: the data generator and, for the synthetic data, a corruption spec of
-    :py:func:`scripts.corruption.make_corruption` applied to a fraction ``alpha`` of the training cases."""
+    :py:func:`scripts.data.corruption.make_corruption` applied to a fraction ``alpha`` of the training cases."""
 
     label: str
     alpha: float
     corruption: dict[str, Any] | None
     # settings of one family are drawn as one line in dice_vs_noise.png, in order of strength
     family: str = "erosion/dilation"
-    # "synthetic" (scripts.data) or "lidc_phantom" (scripts.lidc_phantom: real LIDC nodules, single-reader labels)
+    # "synthetic" (scripts.data) or "lidc_phantom" (scripts.lidc.phantom: real LIDC nodules, single-reader labels)
     generator: str = "synthetic"
     # volume and patch size, when it is not the mode's
     shape: tuple[int, int, int] | None = None
@@ -304,7 +304,7 @@ def dataset_for(mode: Mode, setting_name: str, seed: int, out_dir: Path) -> Path
     }
     folder = out_dir / "data" / setting_name / f"seed{seed}"
     if setting.generator == "lidc_phantom":
-        from scripts.lidc_phantom import generate_lidc_phantom  # reads the LIDC database, which only this needs
+        from scripts.lidc.phantom import generate_lidc_phantom  # reads the LIDC database, which only this needs
 
         return generate_lidc_phantom(folder, **common)
     if setting.generator != "synthetic":
@@ -674,7 +674,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     figure_setting = weight_figure_setting(mode)
     if figure_setting and "mcpm" in mode.methods:
         weight_map_figure(mode, out_dir, figure_setting, mode.seeds[0])
-    command = "python -m scripts.benchmark " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m scripts.experiments.benchmark " + " ".join(sys.argv[1:] if argv is None else argv)
     report = write_report(mode_name, mode, rows, out_dir, command.strip(), time.time() - start)
     print("\n" + report.read_text())
     return report

@@ -19,16 +19,24 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .corruption import RandErodeDilateLabeld, RandLabelCorruptiond, make_corruption
+from scripts.data.corruption import RandErodeDilateLabeld, RandLabelCorruptiond, make_corruption
+from scripts.utils import SPLITS, check_number, write_json, write_nifti
 
-__all__ = ["SPLITS", "generate_dataset", "make_case"]
+__all__ = [
+    "DATALIST",
+    "case_files",
+    "centred_affine",
+    "generate_dataset",
+    "make_case",
+    "plan_cases",
+    "reuse_existing",
+    "smooth_noise",
+]
 
-SPLITS = ("training", "meta", "validation", "test")
 LABELS = {"0": "background", "1": "blob", "2": "tube"}
 DATALIST = "datalist.json"
 MIN_SIZE = 16
@@ -78,7 +86,7 @@ def _tube(rng: np.random.Generator, grid: np.ndarray) -> np.ndarray:
     return np.isfinite(distance).reshape(grid.shape[:-1])
 
 
-def _smooth_noise(rng: np.random.Generator, shape: Sequence[int], sigma: float) -> np.ndarray:
+def smooth_noise(rng: np.random.Generator, shape: Sequence[int], sigma: float) -> np.ndarray:
     """Gaussian-smoothed white noise rescaled to unit standard deviation."""
     field = ndimage.gaussian_filter(rng.normal(size=shape), sigma)
     return field / field.std()
@@ -124,28 +132,20 @@ def make_case(rng: np.random.Generator, shape: Sequence[int] = (48, 48, 48)) -> 
         tube = _tube(rng, grid)
         label[tube] = 2
         ideal[tube] = 1.0 - rng.uniform(0.4, 0.8)
-    ideal += rng.uniform(0.05, 0.12) * _smooth_noise(rng, shape, sigma=2.0)
+    ideal += rng.uniform(0.05, 0.12) * smooth_noise(rng, shape, sigma=2.0)
     image = ndimage.gaussian_filter(ideal, sigma=1.0) * _bias_field(rng, shape)
     image += rng.normal(scale=rng.uniform(0.1, 0.25), size=shape)
     return (image - 1.0).astype(np.float32), label
 
 
-def _affine(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
+def centred_affine(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
     """Diagonal voxel-to-world affine with the volume centred at the world origin."""
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = -0.5 * (np.asarray(shape) - 1) * np.asarray(spacing)
     return affine
 
 
-def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    """Write ``array`` to ``path`` with ``affine`` as both qform and sform (code 1, scanner)."""
-    image = nib.Nifti1Image(array, affine)
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    nib.save(image, path)
-
-
-def _case_files(split: str, case_id: str) -> dict[str, str]:
+def case_files(split: str, case_id: str) -> dict[str, str]:
     """Datalist entry of one case: the files relative to the dataset folder (test cases in ``*Ts`` as in MSD)."""
     suffix = "Ts" if split == "test" else "Tr"
     files = {"image": f"images{suffix}/{case_id}.nii.gz", "label": f"labels{suffix}/{case_id}.nii.gz"}
@@ -154,30 +154,24 @@ def _case_files(split: str, case_id: str) -> dict[str, str]:
     return files
 
 
-def _check_range(name: str, value: float, low: float, high: float = np.inf) -> None:
-    """Raise a ValueError naming ``name`` unless ``low <= value <= high``."""
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}.")
-
-
 def _validate(generator: dict) -> None:
     """Check the generation parameters recorded under ``generator``."""
-    _check_range("seed", generator["seed"], 0)
+    check_number("seed", generator["seed"], 0, integer=True)
     for split in SPLITS:
         name = f"num_{split}"
-        _check_range(name, generator[name], 1 if split in ("training", "meta") else 0)
+        check_number(name, generator[name], 1 if split in ("training", "meta") else 0, integer=True)
     for name, size in (("shape", 3), ("spacing", 3), ("radius", 2)):
         if len(generator[name]) != size:
             raise ValueError(f"{name} must have {size} entries, got {generator[name]}.")
     for size in generator["shape"]:
-        _check_range("shape entries", size, MIN_SIZE)
+        check_number("shape entries", size, MIN_SIZE, integer=True)
     for step in generator["spacing"]:
         if not step > 0:
             raise ValueError(f"spacing entries must be > 0, got {generator['spacing']}.")
-    _check_range("corrupt_fraction", generator["corrupt_fraction"], 0.0, 1.0)
+    check_number("corrupt_fraction", generator["corrupt_fraction"], 0.0, 1.0)
 
 
-def _reuse_existing(out_dir: Path, generator: dict, files: list[str], overwrite: bool) -> bool:
+def reuse_existing(out_dir: Path, generator: dict, files: list[str], overwrite: bool) -> bool:
     """
     Whether ``out_dir`` already holds this exact dataset; raise FileExistsError if it holds anything this
     generator would overwrite and ``overwrite`` is False.
@@ -202,7 +196,7 @@ def _reuse_existing(out_dir: Path, generator: dict, files: list[str], overwrite:
     return False
 
 
-def _plan_cases(seed: int, counts: dict[str, int]) -> list[tuple[str, np.random.SeedSequence, str]]:
+def plan_cases(seed: int, counts: dict[str, int]) -> list[tuple[str, np.random.SeedSequence, str]]:
     """``(split, seed sequence, case id)`` of every case; ids are numbered across the splits."""
     seeds = [
         (split, np.random.SeedSequence(seed, spawn_key=(split_index, index)))
@@ -227,9 +221,9 @@ def _write_case(
     if split == "training":
         corrupted = corrupter({"label": label})
         arrays.update(label=corrupted["label"], clean_label=label, corruption_mask=corrupted["corruption_mask"])
-    entry: dict = _case_files(split, case_id)
+    entry: dict = case_files(split, case_id)
     for key, name in entry.items():
-        _save_nifti(arrays[key], affine, out_dir / name)
+        write_nifti(arrays[key], affine, out_dir / name)
     if split == "training":
         entry["corrupted"] = bool(arrays["corruption_mask"].any())
     return entry
@@ -272,7 +266,7 @@ def generate_dataset(
         corrupt_fraction: probability that a training label is corrupted, in [0, 1].
         radius: inclusive integer range of the erosion/dilation radius in voxels.
         corruption: another noise model instead of erosion/dilation: a preset name or spec of
-            :py:func:`scripts.corruption.make_corruption` (``radius`` is then unused); recorded in the datalist.
+            :py:func:`scripts.data.corruption.make_corruption` (``radius`` is then unused); recorded in the datalist.
         overwrite: replace the files this generator writes if ``out_dir`` already holds any of them.
 
     Raises:
@@ -302,13 +296,13 @@ def generate_dataset(
     corrupter.set_random_state(int(corruption_seed))
 
     out_dir = Path(out_dir)
-    cases = _plan_cases(generator["seed"], counts)
-    all_files = [name for split, _, case_id in cases for name in _case_files(split, case_id).values()]
-    if _reuse_existing(out_dir, generator, [*all_files, DATALIST], overwrite):
+    cases = plan_cases(generator["seed"], counts)
+    all_files = [name for split, _, case_id in cases for name in case_files(split, case_id).values()]
+    if reuse_existing(out_dir, generator, [*all_files, DATALIST], overwrite):
         return out_dir / DATALIST
 
     entries: dict[str, list[dict]] = {split: [] for split in SPLITS}
-    affine = _affine(generator["shape"], generator["spacing"])
+    affine = centred_affine(generator["shape"], generator["spacing"])
     for folder in {Path(name).parent for name in all_files}:
         (out_dir / folder).mkdir(parents=True, exist_ok=True)
     for split, case_seed, case_id in cases:
@@ -325,9 +319,7 @@ def generate_dataset(
         "generator": generator,
         **entries,
     }
-    path = out_dir / DATALIST
-    path.write_text(json.dumps(datalist, indent=4) + "\n")
-    return path
+    return write_json(datalist, out_dir / DATALIST)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -346,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument(
         "--corruption",
         type=lambda text: json.loads(text) if text.lstrip().startswith("{") else text,
-        help="another noise model: a preset name of scripts.corruption.PRESETS or a JSON spec (default: erosion/dilation)",
+        help="another noise model: a preset name of scripts.data.corruption.PRESETS or a JSON spec (default: erosion/dilation)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an existing dataset")
     args = vars(parser.parse_args(argv))

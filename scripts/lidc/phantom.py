@@ -10,7 +10,7 @@ Decathlon layout of :py:func:`scripts.data.generate_dataset`.
 
 Usage from the bundle root::
 
-    python -m scripts.lidc_phantom --out_dir data/lidc_phantom --seed 0
+    python -m scripts.lidc.phantom --out_dir data/lidc_phantom --seed 0
 """
 
 from __future__ import annotations
@@ -26,19 +26,19 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .data import (
+from scripts.data.synthetic import (
     DATALIST,
     MIN_SIZE,
     SPLITS,
-    _affine,
-    _case_files,
-    _check_range,
-    _plan_cases,
-    _reuse_existing,
-    _save_nifti,
-    _smooth_noise,
+    centred_affine,
+    case_files,
+    check_number,
+    plan_cases,
+    reuse_existing,
+    write_nifti,
+    smooth_noise,
 )
-from .lidc import (
+from scripts.lidc._all import (
     LIDC,
     LIDC_LABELS,
     MAX_READERS,
@@ -102,7 +102,7 @@ def _nodule_values(rng: np.random.Generator, mask: np.ndarray, spacing: Sequence
         depth = ndimage.distance_transform_edt(mask, sampling=spacing)
         core = depth > rng.uniform(0.3, 0.7) * depth.max()
         values = np.where(core, solid, rng.uniform(*GROUND_GLASS))
-    return values + 0.03 * _smooth_noise(rng, mask.shape, 1.0)
+    return values + 0.03 * smooth_noise(rng, mask.shape, 1.0)
 
 
 def make_phantom(rng: np.random.Generator, nodule: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
@@ -122,14 +122,14 @@ def make_phantom(rng: np.random.Generator, nodule: np.ndarray, spacing: Sequence
     axes = [(np.arange(n) - (n - 1) / 2) * step for n, step in zip(shape, spacing)]
     coords = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)  # mm from the patch centre
     ideal = PARENCHYMA + rng.uniform(-0.04, 0.04)
-    ideal += rng.uniform(0.02, 0.04) * _smooth_noise(rng, shape, tuple(1.0 / spacing))
-    ideal += rng.uniform(0.01, 0.03) * _smooth_noise(rng, shape, tuple(5.0 / spacing))
+    ideal += rng.uniform(0.02, 0.04) * smooth_noise(rng, shape, tuple(1.0 / spacing))
+    ideal += rng.uniform(0.01, 0.03) * smooth_noise(rng, shape, tuple(5.0 / spacing))
     half_size = 0.5 * np.asarray(shape) * spacing
     for _ in range(rng.integers(VESSEL_COUNT[0], VESSEL_COUNT[1] + 1)):
         ideal[_vessel(rng, coords, half_size)] = rng.uniform(*VESSEL)
     ideal[nodule] = _nodule_values(rng, nodule, spacing)[nodule]
     image = ndimage.gaussian_filter(ideal, (PSF_MM / spacing[0], PSF_MM / spacing[1], SLICE_BLUR))
-    image += rng.uniform(*NOISE) * _smooth_noise(rng, shape, (0.5, 0.5, 0.0))
+    image += rng.uniform(*NOISE) * smooth_noise(rng, shape, (0.5, 0.5, 0.0))
     return np.maximum(image, AIR).astype(np.float32)
 
 
@@ -280,11 +280,11 @@ def _write_case(
             changed_voxels=int(changed.sum()),
             dice=round(_dice(label, clean), 6),
         )
-    entry: dict = _case_files(split, case_id)
-    affine = _affine(shape, spacing)
+    entry: dict = case_files(split, case_id)
+    affine = centred_affine(shape, spacing)
     for key, name in entry.items():
         array = arrays[key]
-        _save_nifti(array if key == "image" else array.astype(np.uint8), affine, out_dir / name)
+        write_nifti(array if key == "image" else array.astype(np.uint8), affine, out_dir / name)
     if reader is not None:
         entry["corrupted"] = bool(arrays["corruption_mask"].any())
     return entry, source
@@ -296,16 +296,16 @@ def _generator(
     """The parameters recorded in the datalist (a dataset is reused only when they match), checked."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
-    _check_range("seed", seed, 0)
+    check_number("seed", seed, 0)
     for split, count in counts.items():
-        _check_range(f"num_{split}", count, 1 if split in ("training", "meta") else 0)
+        check_number(f"num_{split}", count, 1 if split in ("training", "meta") else 0)
     if len(shape) != 3:
         raise ValueError(f"shape must have 3 entries, got {list(shape)}.")
     for size in shape:
-        _check_range("shape entries", size, MIN_SIZE)
-    _check_range("min_readers", min_readers, 1, MAX_READERS)
+        check_number("shape entries", size, MIN_SIZE)
+    check_number("min_readers", min_readers, 1, MAX_READERS)
     return {
-        "tool": "scripts.lidc_phantom",
+        "tool": "scripts.lidc.phantom",
         "seed": int(seed),
         **{f"num_{split}": int(count) for split, count in counts.items()},
         "shape": [int(s) for s in shape],
@@ -362,9 +362,9 @@ def generate_lidc_phantom(
     counts = {"training": num_training, "meta": num_meta, "validation": num_validation, "test": num_test}
     generator = _generator(seed, counts, shape, min_readers, reader)
     out_dir = Path(out_dir)
-    cases = _plan_cases(generator["seed"], counts)
-    all_files = [name for split, _, case_id in cases for name in _case_files(split, case_id).values()]
-    if _reuse_existing(out_dir, generator, [*all_files, DATALIST], overwrite):
+    cases = plan_cases(generator["seed"], counts)
+    all_files = [name for split, _, case_id in cases for name in case_files(split, case_id).values()]
+    if reuse_existing(out_dir, generator, [*all_files, DATALIST], overwrite):
         return out_dir / DATALIST
 
     db = _database()
@@ -403,7 +403,7 @@ def generate_lidc_phantom(
 
 def label_noise(datalist: dict) -> dict[str, float]:
     """How far the training labels are from the consensus: mean (and min) Dice, and changed voxels / consensus
-    voxels (as ``scripts.benchmark.changed_voxel_fraction`` measures), from the datalist's ``sources``."""
+    voxels (as ``scripts.experiments.benchmark.changed_voxel_fraction`` measures), from the datalist's ``sources``."""
     records = [record for record in datalist["sources"].values() if record["split"] == "training"]
     dices = [record["dice"] for record in records]
     changed = sum(record["changed_voxels"] for record in records)

@@ -4,7 +4,7 @@ the clean test labels and print a Dice table.
 
 Each step runs the bundle's own configs through ``python -m monai.bundle run``, exactly as a user would.
 
-    python -m scripts.demo [--work_dir runs/demo] [--epochs 40]
+    python -m scripts.experiments.demo [--work_dir runs/demo] [--epochs 40]
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import math
 import time
 from pathlib import Path
 
-from scripts.benchmark import METHODS as BENCHMARK_METHODS
-from scripts.benchmark import BUNDLE_ROOT, bundle_run, nanmean, read_case_dice
-from scripts.data import generate_dataset
+from scripts.experiments.benchmark import METHODS as BENCHMARK_METHODS
+from scripts.experiments.benchmark import BUNDLE_ROOT, bundle_run, nanmean, read_case_dice
+from scripts.data.synthetic import generate_dataset
 
 # plain training on the clean versions of the same training cases is the upper bound MCPM aims for
 METHODS = {"MCPM": "mcpm", "plain": "plain", "clean": "clean"}

@@ -11,7 +11,7 @@ statistic and by quantiles. The spec with the lowest mean of the two KS statisti
 
 Command line (about a minute on 2 CPU cores, see docs/corruption.md)::
 
-    python -m scripts.lidc_calibration --num_nodules 300 --seed 0
+    python -m scripts.lidc.calibration --num_nodules 300 --seed 0
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import ks_2samp
 
-from .corruption import make_corruption
-from .lidc import Nodule, consensus, dice, load_database, scan_nodules
+from scripts.data.corruption import make_corruption
+from scripts.lidc._all import Nodule, consensus, dice, load_database, scan_nodules
 
 __all__ = [
     "QUANTILES",
@@ -48,7 +48,7 @@ REFERENCES = ("others", "all")
 
 
 def markov_spec(expand_prob: float, steps: int, flip_prob: float, sigma: float = 0.0) -> dict[str, Any]:
-    """A ``markov`` spec for :py:func:`scripts.corruption.make_corruption`, by default without the final blur."""
+    """A ``markov`` spec for :py:func:`scripts.data.corruption.make_corruption`, by default without the final blur."""
     return {"model": "markov", "steps": steps, "expand_prob": expand_prob, "flip_prob": flip_prob, "sigma": sigma}
 
 

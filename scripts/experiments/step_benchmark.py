@@ -4,8 +4,8 @@ Each variant runs the real trainer iteration (``SupervisedTrainer`` or ``MCPMTra
 memory, so data loading is excluded. Times are device-synchronised; the table reports the median and the mean
 per iteration after warm-up, and their ratio to plain training (the mean amortises ``meta_interval``).
 
-    python -m scripts.step_benchmark --device cpu --patch 48 --batch 2 --channels 16 32 64 128
-    python -m scripts.step_benchmark --device cuda --patch 96 --batch 2 --channels 16 32 64 128 256 --amp
+    python -m scripts.experiments.step_benchmark --device cpu --patch 48 --batch 2 --channels 16 32 64 128
+    python -m scripts.experiments.step_benchmark --device cuda --patch 96 --batch 2 --channels 16 32 64 128 256 --amp
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ them together in one :py:class:`DatalistError`, one problem per line.
 
 Usage from the bundle root::
 
-    python -m scripts.validation --datalist data/default/datalist.json
+    python -m scripts.checks --datalist data/default/datalist.json
 """
 
 from __future__ import annotations

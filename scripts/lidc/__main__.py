@@ -1,0 +1,5 @@
+import sys
+
+from scripts.lidc._all import main
+
+sys.exit(main())

@@ -1,0 +1,152 @@
+"""Helpers shared by the bundle and its tools, one of each: split names, Dice of masks, number checks and
+atomic writers of JSON, CSV and NIfTI files (a failure leaves the previous file, or none, never half a file)."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import numbers
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "SPLITS",
+    "atomic_path",
+    "check_number",
+    "check_range",
+    "dice",
+    "figure",
+    "nanmean",
+    "number_problem",
+    "write_csv",
+    "write_json",
+    "write_nifti",
+]
+
+# the datalist's splits: noisy training cases, trusted (clean) meta cases, validation and test cases
+SPLITS = ("training", "meta", "validation", "test")
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two boolean masks; NaN when both are empty, where the overlap is undefined (as MONAI's
+    ``DiceMetric(ignore_empty=True)`` gives), so that means over cases must skip it (:py:func:`nanmean`)."""
+    total = np.count_nonzero(a) + np.count_nonzero(b)
+    return 2.0 * np.count_nonzero(np.logical_and(a, b)) / total if total else float("nan")
+
+
+def nanmean(values: Sequence[float]) -> float:
+    """Mean of the finite values; NaN when there are none (no warning, unlike ``np.nanmean``)."""
+    finite = [float(v) for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def number_problem(
+    name: str, value: Any, low: float = -math.inf, high: float = math.inf, integer: bool = False, low_open: bool = False
+) -> str | None:
+    """What is wrong with ``value`` as a number (an integer if ``integer``) in ``[low, high]`` (``(low, high]``
+    if ``low_open``), naming ``name``; None when nothing is. Booleans are not numbers here."""
+    kind = numbers.Integral if integer else numbers.Real
+    in_range = isinstance(value, kind) and not isinstance(value, bool) and (value > low if low_open else value >= low)
+    if in_range and value <= high:
+        return None
+    if low > -math.inf and high < math.inf:
+        allowed = f" in {'(' if low_open else '['}{low}, {high}]"
+    elif low > -math.inf:
+        allowed = f" {'>' if low_open else '>='} {low}"
+    else:
+        allowed = f" <= {high}" if high < math.inf else ""
+    return f"{name} must be {'an integer' if integer else 'a number'}{allowed}, got {value!r}"
+
+
+def check_number(
+    name: str, value: Any, low: float = -math.inf, high: float = math.inf, integer: bool = False, low_open: bool = False
+) -> Any:
+    """``value`` as an int (``integer``) or float; a ValueError with :py:func:`number_problem`'s message if it
+    is not one in range."""
+    problem = number_problem(name, value, low, high, integer, low_open)
+    if problem:
+        raise ValueError(problem + ".")
+    return int(value) if integer else float(value)
+
+
+def check_range(name: str, value: Any, low: float = -math.inf, high: float = math.inf, integer: bool = False) -> tuple:
+    """``value`` as a ``(min, max)`` pair of ints (``integer``) or floats with ``low <= min <= max <= high``;
+    a ValueError naming ``name`` otherwise."""
+    kind = numbers.Integral if integer else numbers.Real
+    if (
+        np.ndim(value) != 1
+        or len(value) != 2
+        or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
+        or not low <= value[0] <= value[1] <= high
+    ):
+        kind_name = "integers" if integer else "numbers"
+        upper = f" <= {high}" if high < math.inf else ""
+        raise ValueError(f"{name} must be two {kind_name} (min, max) with {low} <= min <= max{upper}, got {value!r}.")
+    cast = int if integer else float
+    return cast(value[0]), cast(value[1])
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; it replaces ``path`` when the block ends without an error
+    and is removed when it raises. The folder of ``path`` is created if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # keep the file's suffixes (``.nii.gz``) so that writers that choose a format by name choose the right one
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes), dir=path.parent)
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_json(value: Any, path: str | os.PathLike, indent: int = 4) -> Path:
+    """Write ``value`` as JSON (indented, keys in their order, a final newline) atomically; return the path."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(value, indent=indent) + "\n")
+    return Path(path)
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, fieldnames: Sequence[str] | None = None) -> Path:
+    """Write ``rows`` as a CSV file atomically; the columns are ``fieldnames``, or every key in the order the
+    rows first name it. Floats are written as they are; format them in the rows where a file wants fewer digits."""
+    columns = list(fieldnames) if fieldnames is not None else list(dict.fromkeys(key for row in rows for key in row))
+    with atomic_path(path) as temporary:
+        with open(temporary, "w", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+    return Path(path)
+
+
+def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, units: str | None = None) -> Path:
+    """Write ``array`` as NIfTI with ``affine`` as both qform and sform (code 1, scanner frame), atomically;
+    ``units`` (e.g. ``"mm"``) sets the header's spatial units."""
+    import nibabel as nib
+
+    image = nib.Nifti1Image(array, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    if units is not None:
+        image.header.set_xyzt_units(units)
+    with atomic_path(path) as temporary:
+        nib.save(image, temporary)
+    return Path(path)
+
+
+def figure(**kwargs: Any) -> Any:
+    """A matplotlib ``Figure`` drawn off-screen, without pyplot and without changing matplotlib's global backend
+    (``Figure.savefig`` renders with Agg); ``kwargs`` go to ``Figure``."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
