@@ -117,7 +117,9 @@ def write_json(value: Any, path: str | os.PathLike, indent: int = 4) -> Path:
     return Path(path)
 
 
-def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, fieldnames: Sequence[str] | None = None) -> Path:
+def write_csv(
+    rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, fieldnames: Sequence[str] | None = None
+) -> Path:
     """Write ``rows`` as a CSV file atomically; the columns are ``fieldnames``, or every key in the order the
     rows first name it. Floats are written as they are; format them in the rows where a file wants fewer digits."""
     columns = list(fieldnames) if fieldnames is not None else list(dict.fromkeys(key for row in rows for key in row))

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from monai.data import load_decathlon_datalist
 
-from scripts.data.datalists import DEFAULT_DATALIST, lits_datalist, main, msd_datalist, split_cases, write_datalist
 from scripts.checks import check_before_training, validate_datalist
+from scripts.data.datalists import DEFAULT_DATALIST, lits_datalist, main, msd_datalist, split_cases, write_datalist
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("training", "meta", "validation", "test")
@@ -95,7 +95,9 @@ def check_datalist(datalist: dict, dataset_dir: Path, ids: list[str], out: Path)
     flat = [image for split in SPLITS for image in images[split]]
     assert len(flat) == len(set(flat)) == len(ids)
     assert datalist["numTraining"] == len(datalist["training"]) and datalist["numTest"] == len(datalist["test"])
-    assert datalist["conversion"]["meta_cases"] == [Path(Path(i).stem).stem.replace("volume-", "") for i in images["meta"]]
+    assert datalist["conversion"]["meta_cases"] == [
+        Path(Path(i).stem).stem.replace("volume-", "") for i in images["meta"]
+    ]
     for split in SPLITS:
         for entry in datalist[split]:
             assert set(entry) == {"image", "label"}
@@ -171,7 +173,10 @@ def test_lits(lits_dir: Path):
         {"image": "Training Batch 2/volume-5.nii.gz", "label": "Training Batch 2/segmentation-5.nii.gz"},
     ]
     everything = [entry for split in SPLITS for entry in datalist[split]]
-    assert {"image": "Training Batch 2/volume-6.nii.gz", "label": "Training Batch 1/segmentation-6.nii.gz"} in everything
+    assert {
+        "image": "Training Batch 2/volume-6.nii.gz",
+        "label": "Training Batch 1/segmentation-6.nii.gz",
+    } in everything
     assert datalist["labels"] == {"0": "background", "1": "liver", "2": "tumour"}
     assert datalist["unlabelled"] == [{"image": "Test Data/test-volume-0.nii"}]
     assert lits_datalist(lits_dir, num_meta=2, seed=3, **SIZES) == lits_datalist(lits_dir, num_meta=2, seed=3, **SIZES)
@@ -179,7 +184,18 @@ def test_lits(lits_dir: Path):
 
 
 def test_cli_main(task_dir: Path, capsys):
-    argv = ["msd", "--task_dir", str(task_dir), "--meta_cases", "liver_0", "liver_6", "--num_validation", "1", "--num_test", "1"]
+    argv = [
+        "msd",
+        "--task_dir",
+        str(task_dir),
+        "--meta_cases",
+        "liver_0",
+        "liver_6",
+        "--num_validation",
+        "1",
+        "--num_test",
+        "1",
+    ]
     assert main(argv) == 0
     out = task_dir / DEFAULT_DATALIST
     assert str(out) in capsys.readouterr().out
@@ -191,7 +207,24 @@ def test_cli_main(task_dir: Path, capsys):
     assert main([*argv[:4], "liver_1", *argv[5:], "--overwrite"]) == 0
     assert "imagesTr/liver_1.nii.gz" in json.loads(out.read_text())["meta"][0]["image"]
     # errors are printed, not raised
-    assert main(["msd", "--task_dir", str(task_dir), "--meta_cases", "liver_42", "--num_validation", "1", "--num_test", "1", "--out", str(task_dir / "x.json")]) == 1
+    assert (
+        main(
+            [
+                "msd",
+                "--task_dir",
+                str(task_dir),
+                "--meta_cases",
+                "liver_42",
+                "--num_validation",
+                "1",
+                "--num_test",
+                "1",
+                "--out",
+                str(task_dir / "x.json"),
+            ]
+        )
+        == 1
+    )
     assert "liver_42" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # --meta_cases and --num_meta exclude each other
         main([*argv, "--num_meta", "2"])
@@ -215,7 +248,11 @@ def raises(error: type[Exception], *parts: str, call: Callable[[], object]) -> N
 
 
 def test_msd_folder_errors(task_dir: Path, tmp_path: Path):
-    raises(FileNotFoundError, str(tmp_path / "nowhere"), call=lambda: msd_datalist(tmp_path / "nowhere", num_meta=1, **SIZES))
+    raises(
+        FileNotFoundError,
+        str(tmp_path / "nowhere"),
+        call=lambda: msd_datalist(tmp_path / "nowhere", num_meta=1, **SIZES),
+    )
     source = task_dir / "dataset.json"
     text = source.read_text()
     source.write_text("{not json")
@@ -226,7 +263,14 @@ def test_msd_folder_errors(task_dir: Path, tmp_path: Path):
     raises(FileNotFoundError, str(source), call=lambda: msd_datalist(task_dir, num_meta=1, **SIZES))
     source.write_text(text)
     edit_json(source, lambda d: d["training"].append(d["training"][3]))
-    raises(ValueError, str(source), "training[7]", "liver_3", "unique", call=lambda: msd_datalist(task_dir, num_meta=1, **SIZES))
+    raises(
+        ValueError,
+        str(source),
+        "training[7]",
+        "liver_3",
+        "unique",
+        call=lambda: msd_datalist(task_dir, num_meta=1, **SIZES),
+    )
     source.write_text(text)
     edit_json(source, lambda d: d["training"][1].pop("label"))
     raises(ValueError, str(source), "training[1]", "'label'", call=lambda: msd_datalist(task_dir, num_meta=1, **SIZES))
@@ -242,7 +286,13 @@ def test_msd_folder_errors(task_dir: Path, tmp_path: Path):
 )
 def test_msd_missing_file(task_dir: Path, missing: str, parts: list[str]):
     (task_dir / missing).unlink()
-    raises(FileNotFoundError, str(task_dir / "dataset.json"), str(task_dir / missing), *parts, call=lambda: msd_datalist(task_dir, num_meta=1, **SIZES))
+    raises(
+        FileNotFoundError,
+        str(task_dir / "dataset.json"),
+        str(task_dir / missing),
+        *parts,
+        call=lambda: msd_datalist(task_dir, num_meta=1, **SIZES),
+    )
 
 
 @pytest.mark.parametrize(
@@ -270,10 +320,19 @@ def test_split_errors(task_dir: Path, kwargs: dict, parts: list[str]):
 def test_lits_errors(lits_dir: Path, tmp_path: Path):
     batch1, batch2 = lits_dir / "Training Batch 1", lits_dir / "Training Batch 2"
     raises(ValueError, str(lits_dir), "'99'", call=lambda: lits_datalist(lits_dir, meta_cases=["99"], **SIZES))
-    raises(ValueError, "'3'", "more than once", call=lambda: lits_datalist(lits_dir, meta_cases=["3", "volume-3"], **SIZES))
-    raises(ValueError, str(lits_dir), "only 7 labelled cases", call=lambda: lits_datalist(lits_dir, num_meta=5, **SIZES))
+    raises(
+        ValueError, "'3'", "more than once", call=lambda: lits_datalist(lits_dir, meta_cases=["3", "volume-3"], **SIZES)
+    )
+    raises(
+        ValueError, str(lits_dir), "only 7 labelled cases", call=lambda: lits_datalist(lits_dir, num_meta=5, **SIZES)
+    )
     save(batch1 / "volume-4.nii", False, 4)
-    raises(ValueError, str(batch1 / "volume-4.nii"), str(batch2 / "volume-4.nii.gz"), call=lambda: lits_datalist(lits_dir, num_meta=1, **SIZES))
+    raises(
+        ValueError,
+        str(batch1 / "volume-4.nii"),
+        str(batch2 / "volume-4.nii.gz"),
+        call=lambda: lits_datalist(lits_dir, num_meta=1, **SIZES),
+    )
     (batch1 / "volume-4.nii").unlink()
     (batch1 / "segmentation-2.nii").unlink()
     (batch2 / "volume-5.nii.gz").unlink()
@@ -286,15 +345,28 @@ def test_lits_errors(lits_dir: Path, tmp_path: Path):
     empty = tmp_path / "empty"
     empty.mkdir()
     raises(FileNotFoundError, str(empty), "no volume-N.nii", call=lambda: lits_datalist(empty, num_meta=1, **SIZES))
-    raises(FileNotFoundError, str(tmp_path / "absent"), call=lambda: lits_datalist(tmp_path / "absent", num_meta=1, **SIZES))
+    raises(
+        FileNotFoundError,
+        str(tmp_path / "absent"),
+        call=lambda: lits_datalist(tmp_path / "absent", num_meta=1, **SIZES),
+    )
 
 
 def test_write_protects_user_files(task_dir: Path, tmp_path: Path):
     datalist = msd_datalist(task_dir, num_meta=1, **SIZES)
     before = snapshot(task_dir)
     for target in (task_dir / "dataset.json", task_dir / "labelsTr" / "liver_3.nii.gz"):
-        raises(ValueError, str(target), "file of the dataset", call=lambda: write_datalist(datalist, target, task_dir, overwrite=True))
-    raises(IsADirectoryError, str(task_dir / "imagesTr"), call=lambda: write_datalist(datalist, task_dir / "imagesTr", task_dir, overwrite=True))
+        raises(
+            ValueError,
+            str(target),
+            "file of the dataset",
+            call=lambda: write_datalist(datalist, target, task_dir, overwrite=True),
+        )
+    raises(
+        IsADirectoryError,
+        str(task_dir / "imagesTr"),
+        call=lambda: write_datalist(datalist, task_dir / "imagesTr", task_dir, overwrite=True),
+    )
     out = tmp_path / "mine.json"
     out.write_text("{}")
     raises(FileExistsError, str(out), "--overwrite", call=lambda: write_datalist(datalist, out, task_dir))
@@ -306,7 +378,9 @@ def test_write_protects_user_files(task_dir: Path, tmp_path: Path):
 def test_doc_overrides_exist():
     """Every override in docs/real_data.md's ``monai.bundle run`` commands is a key of configs/train.json."""
     config = json.loads((REPO_ROOT / "configs" / "train.json").read_text())
-    commands = [line for line in (REPO_ROOT / "docs" / "real_data.md").read_text().splitlines() if "monai.bundle run" in line]
+    commands = [
+        line for line in (REPO_ROOT / "docs" / "real_data.md").read_text().splitlines() if "monai.bundle run" in line
+    ]
     keys = {key for line in commands for key in re.findall(r"--([\w#]+)", line)} - {"config_file"}
     assert {"dataset_dir", "datalist", "num_classes", "patch_size"} <= keys
     for key in keys:

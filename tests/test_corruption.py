@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from functools import partial
 
 import numpy as np
@@ -91,7 +92,7 @@ def test_larger_radius_changes_more(operation):
     label = make_label()
     counts = [changed(morph_per_class(label, operation, r), label).sum() for r in range(5)]
     assert counts[0] == 0
-    assert all(a <= b for a, b in zip(counts, counts[1:])) and counts[-1] > counts[1]
+    assert all(a <= b for a, b in itertools.pairwise(counts)) and counts[-1] > counts[1]
 
 
 def test_channel_first_matches_spatial():
@@ -112,8 +113,15 @@ def run(transform: RandErodeDilateLabeld, label, n: int) -> list[tuple]:
     results = []
     for _ in range(n):
         d = transform({"label": label})
-        results.append((np.asarray(d["label"]), np.asarray(d["corruption_mask"]), transform._do_transform,
-                        transform._operation, transform._radius))
+        results.append(
+            (
+                np.asarray(d["label"]),
+                np.asarray(d["corruption_mask"]),
+                transform._do_transform,
+                transform._operation,
+                transform._radius,
+            )
+        )
     return results
 
 
@@ -122,7 +130,7 @@ def test_deterministic_per_seed():
     first = run(RandErodeDilateLabeld(prob=0.5).set_random_state(3), label, 12)
     second = run(RandErodeDilateLabeld(prob=0.5).set_random_state(3), label, 12)
     other = run(RandErodeDilateLabeld(prob=0.5).set_random_state(4), label, 12)
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2:] == b[2:]
     assert [a[2:] for a in first] != [a[2:] for a in other]
 
@@ -142,7 +150,7 @@ def test_prob_zero_never_changes_and_prob_one_always_changes():
     label = make_label()
     for out, mask, *_ in run(RandErodeDilateLabeld(prob=0.0).set_random_state(0), label, 20):
         assert np.array_equal(out, label) and not mask.any()
-    for out, mask, *_ in run(RandErodeDilateLabeld(prob=1.0).set_random_state(0), label, 20):
+    for _out, mask, *_ in run(RandErodeDilateLabeld(prob=1.0).set_random_state(0), label, 20):
         assert mask.any()
 
 
@@ -277,9 +285,7 @@ def test_affine_label_translates_and_rotates():
 
 def test_drop_components_removes_whole_components():
     label = make_components_label()
-    components = [
-        (value, ndimage.label(label == value, np.ones((3, 3, 3)))) for value in np.unique(label[label != 0])
-    ]
+    components = [(value, ndimage.label(label == value, np.ones((3, 3, 3)))) for value in np.unique(label[label != 0])]
     expected = [parts == index for value, (parts, count) in components for index in range(1, count + 1)]
     assert len(expected) == 4
     seen = set()
@@ -349,9 +355,9 @@ def test_model_deterministic_per_seed(model):
     first = outputs(MODELS_UNDER_TEST[model](prob=0.8).set_random_state(3), label, 8)
     second = outputs(MODELS_UNDER_TEST[model](prob=0.8).set_random_state(3), label, 8)
     other = outputs(MODELS_UNDER_TEST[model](prob=0.8).set_random_state(4), label, 8)
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
-    assert any(not np.array_equal(a[0], b[0]) for a, b in zip(first, other))
+    assert any(not np.array_equal(a[0], b[0]) for a, b in zip(first, other, strict=True))
 
 
 @pytest.mark.parametrize("model", MODELS_UNDER_TEST)

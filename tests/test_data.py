@@ -112,7 +112,7 @@ def test_labels_and_corruption_masks(dataset):
 
 def test_only_training_labels_are_corrupted(dataset, tmp_path):
     clean = generate_dataset(tmp_path, seed=7, corrupt_fraction=0.0, radius=(1, 2), **SMALL)
-    for (split, entry), (_, clean_entry) in zip(entries(dataset), entries(clean)):
+    for (split, entry), (_, clean_entry) in zip(entries(dataset), entries(clean), strict=True):
         assert entry["image"] == clean_entry["image"]
         assert np.array_equal(load(dataset.parent / entry["image"]), load(tmp_path / entry["image"]))
         if split == "training":
@@ -222,7 +222,9 @@ def test_cli(tmp_path):
 
 def test_other_noise_models_from_the_corruption_library(tmp_path):
     spec = {"model": "affine", "shift": (1.0, 2.0)}  # a tuple, which JSON turns into a list
-    kwargs = dict(seed=4, num_training=3, num_meta=1, num_validation=0, num_test=0, shape=(16, 16, 16), corrupt_fraction=1.0)
+    kwargs = dict(
+        seed=4, num_training=3, num_meta=1, num_validation=0, num_test=0, shape=(16, 16, 16), corrupt_fraction=1.0
+    )
     path = generate_dataset(tmp_path / "a", corruption=spec, **kwargs)
     datalist = json.loads(path.read_text())
     assert datalist["generator"]["corruption"] == {"model": "affine", "shift": [1.0, 2.0]}

@@ -263,7 +263,7 @@ def add_blob(
     candidates = np.flatnonzero(far if far.any() else free)
     centre = np.unravel_index(candidates[rng.randint(candidates.size)], label.shape)
     grid = np.ogrid[tuple(slice(0, s) for s in label.shape)]
-    blob = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1
+    blob = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii, strict=True)) <= 1
     out = label.copy()
     out[blob & free] = classes[rng.randint(classes.size)]
     return out
@@ -281,7 +281,7 @@ def elastic_label(label: np.ndarray, grid: np.ndarray) -> np.ndarray:
         label: spatial label map.
         grid: displacements in voxels of the control points, shape ``(label.ndim, P1, P2, ...)``.
     """
-    zoom = [size / points for size, points in zip(label.shape, grid.shape[1:])]
+    zoom = [size / points for size, points in zip(label.shape, grid.shape[1:], strict=True)]
     field = np.stack([ndimage.zoom(g, zoom, order=3, mode="nearest", grid_mode=False) for g in grid])
     coordinates = np.indices(label.shape, dtype=np.float32) + field
     return ndimage.map_coordinates(label, coordinates, order=0, mode="nearest")
@@ -697,7 +697,8 @@ MODELS: dict[str, type[RandLabelCorruptiond]] = {
     "elastic": RandElasticLabeld,
 }
 
-# Published noise settings (see /work/shared/reference/peers.md section 2) as specs for make_corruption. "prob" is the
+# Published noise settings, from the paper (or, for PyMIC, the public demo) named at each preset, as specs for
+# make_corruption. "prob" is the
 # fraction of corrupted training cases in the original. Radii and displacements are kept in voxels as published,
 # without rescaling to this bundle's volumes, so presets from 2D images (marked 2D) move more, relative to 3D
 # structures of a few voxels, than in their paper; pass overrides to rescale them.
@@ -728,7 +729,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             {"model": "affine", "shift": (0.0, 0.0), "rotation": (0.0, 45.0), "scale": (0.8, 2.0)},
         ],
     },
-    # LIDC-IDRI reader disagreement (DESIGN.md section 5, docs/corruption.md), for nodule labels on their native CT
+    # LIDC-IDRI reader disagreement (docs/corruption.md, docs/lidc.md), for nodule labels on their native CT
     # grid: one of a shrinking (theta1=0.25, T=6, theta2=0.15) and a balanced (theta1=0.5, T=3, theta2=0.15) Markov
     # boundary noise, weights 1:2, without the final blur (sigma=1 erases nodules a few slices thick). Chosen by
     # `python -m scripts.lidc.calibration --num_nodules 300 --seed 0` (best of 15 specs, ~40 s): against 956 reader

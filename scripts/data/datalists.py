@@ -21,7 +21,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
@@ -29,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from scripts.data.synthetic import SPLITS
+from scripts.checks import DatalistError, validate_datalist
+from scripts.utils import SPLITS, check_number, write_json
 
 __all__ = [
     "DEFAULT_DATALIST",
@@ -62,19 +62,12 @@ def _listed(items: Sequence[str]) -> str:
 
 def _quoted(ids: Sequence[str]) -> str:
     """Case ids for a message, quoted so that ``3`` reads as an id: ``'liver_3', 'liver_7'``."""
-    return _listed([f"'{case}'" for case in ids])
+    return _listed([repr(case) for case in ids])
 
 
 def _natural_key(text: str) -> tuple:
     """Sort key that orders ``liver_2`` before ``liver_10``."""
     return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text) if part)
-
-
-def _check_count(name: str, value: object, low: int) -> int:
-    """``value`` as an int, or a ValueError naming ``name`` unless it is an integer ``>= low``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
-    return int(value)
 
 
 def split_cases(
@@ -117,13 +110,17 @@ def split_cases(
     """
     if isinstance(meta_cases, (str, int)):  # one id, not a sequence of characters
         meta_cases = [str(meta_cases)]
-    seed = _check_count("seed", seed, 0)
-    num_validation = _check_count("num_validation", num_validation, 1)
-    num_test = _check_count("num_test", num_test, 0)
+    seed = check_number("seed", seed, 0, integer=True)
+    num_validation = check_number("num_validation", num_validation, 1, integer=True)
+    num_test = check_number("num_test", num_test, 0, integer=True)
     if (meta_cases is None) == (num_meta is None):
-        raise ValueError("give either meta_cases (the ids of the clean meta cases) or num_meta (to draw them at random), not both or neither.")
+        raise ValueError(
+            "give either meta_cases (the ids of the clean meta cases) or num_meta (to draw them at random), not both or neither."
+        )
     if (meta_cases is not None and len(meta_cases) == 0) or (num_meta is not None and num_meta == 0):
-        raise ValueError("the meta set is empty: MCPM needs at least one clean meta case to learn the voxel weights from.")
+        raise ValueError(
+            "the meta set is empty: MCPM needs at least one clean meta case to learn the voxel weights from."
+        )
     duplicates = sorted((case for case, count in Counter(case_ids).items() if count > 1), key=_natural_key)
     if duplicates:
         raise ValueError(f"{source} lists the case ids {_quoted(duplicates)} more than once.")
@@ -142,7 +139,7 @@ def split_cases(
             )
         num_meta = len(meta)
     else:
-        num_meta = _check_count("num_meta", num_meta, 1)
+        num_meta = check_number("num_meta", num_meta, 1, integer=True)
         meta = []
     requested = num_meta + num_validation + num_test
     if requested >= len(ids):
@@ -231,7 +228,9 @@ def msd_cases(task_dir: str | Path, skip_unlabelled: bool = False) -> tuple[dict
         raise ValueError(f"{source} holds a {type(content).__name__}, expected a JSON object with a 'training' list.")
     training = content.get("training")
     if not isinstance(training, list) or not training:
-        raise ValueError(f"{source} has no 'training' list of {{\"image\", \"label\"}} cases (found {json.dumps(training)[:50]}).")
+        raise ValueError(
+            f'{source} has no \'training\' list of {{"image", "label"}} cases (found {json.dumps(training)[:50]}).'
+        )
     cases: Cases = {}
     first_index: dict[str, int] = {}
     for index, entry in enumerate(training):
@@ -241,9 +240,16 @@ def msd_cases(task_dir: str | Path, skip_unlabelled: bool = False) -> tuple[dict
         files = {key: _relative_path(entry[key], f"{where} {key}") for key in ("image", "label")}
         case_id = _case_id(files["image"])
         if case_id in cases:
-            raise ValueError(f"{where} ({files['image']}) has the case id {case_id} of training[{first_index[case_id]}]; case ids must be unique.")
+            raise ValueError(
+                f"{where} ({files['image']}) has the case id {case_id} of training[{first_index[case_id]}]; "
+                "case ids must be unique."
+            )
         cases[case_id], first_index[case_id] = files, index
-    _missing_files(task_dir, [(path, f"training[{first_index[c]}] {key}") for c, files in cases.items() for key, path in files.items()], source)
+    _missing_files(
+        task_dir,
+        [(path, f"training[{first_index[c]}] {key}") for c, files in cases.items() for key, path in files.items()],
+        source,
+    )
     unlabelled: list[str] = []
     if not skip_unlabelled:
         test = content.get("test", [])
@@ -294,8 +300,12 @@ def lits_cases(lits_dir: str | Path, skip_unlabelled: bool = False) -> tuple[Cas
     volumes, segmentations = found["volume"], found["segmentation"]
     if not volumes:
         raise FileNotFoundError(f"no volume-N.nii or volume-N.nii.gz files in {lits_dir} or its subfolders.")
-    problems = [f"{volumes[c]} has no segmentation-{c}.nii[.gz]" for c in sorted(volumes, key=int) if c not in segmentations]
-    problems += [f"{segmentations[c]} has no volume-{c}.nii[.gz]" for c in sorted(segmentations, key=int) if c not in volumes]
+    problems = [
+        f"{volumes[c]} has no segmentation-{c}.nii[.gz]" for c in sorted(volumes, key=int) if c not in segmentations
+    ]
+    problems += [
+        f"{segmentations[c]} has no volume-{c}.nii[.gz]" for c in sorted(segmentations, key=int) if c not in volumes
+    ]
     if problems:
         raise FileNotFoundError(f"incomplete LiTS cases in {lits_dir} ({len(problems)}): {_listed(problems)}.")
 
@@ -303,7 +313,9 @@ def lits_cases(lits_dir: str | Path, skip_unlabelled: bool = False) -> tuple[Cas
         return path.relative_to(lits_dir).as_posix()
 
     cases = {c: {"image": relative(volumes[c]), "label": relative(segmentations[c])} for c in sorted(volumes, key=int)}
-    unlabelled = [] if skip_unlabelled else [relative(found["test-volume"][c]) for c in sorted(found["test-volume"], key=int)]
+    unlabelled = (
+        [] if skip_unlabelled else [relative(found["test-volume"][c]) for c in sorted(found["test-volume"], key=int)]
+    )
     return cases, unlabelled
 
 
@@ -376,7 +388,13 @@ def msd_datalist(
     content, cases, unlabelled = msd_cases(task_dir, skip_unlabelled)
     source = str(Path(task_dir) / "dataset.json")
     splits = split_cases(
-        list(cases), num_validation=num_validation, num_test=num_test, meta_cases=meta_cases, num_meta=num_meta, seed=seed, source=source
+        list(cases),
+        num_validation=num_validation,
+        num_test=num_test,
+        meta_cases=meta_cases,
+        num_meta=num_meta,
+        seed=seed,
+        source=source,
     )
     header = {key: value for key, value in content.items() if key not in MSD_REPLACED_KEYS}
     return _assemble(header, cases, unlabelled, splits, _conversion_record("msd", splits, meta_cases is not None, seed))
@@ -418,7 +436,13 @@ def lits_datalist(
         meta_cases = [meta_cases]
     meta = None if meta_cases is None else [_lits_id(case) for case in meta_cases]
     splits = split_cases(
-        list(cases), num_validation=num_validation, num_test=num_test, meta_cases=meta, num_meta=num_meta, seed=seed, source=str(lits_dir)
+        list(cases),
+        num_validation=num_validation,
+        num_test=num_test,
+        meta_cases=meta,
+        num_meta=num_meta,
+        seed=seed,
+        source=str(lits_dir),
     )
     header = {
         "name": "LiTS",
@@ -427,10 +451,14 @@ def lits_datalist(
         "modality": {"0": "CT"},
         "labels": dict(LITS_LABELS),
     }
-    return _assemble(header, cases, unlabelled, splits, _conversion_record("lits", splits, meta_cases is not None, seed))
+    return _assemble(
+        header, cases, unlabelled, splits, _conversion_record("lits", splits, meta_cases is not None, seed)
+    )
 
 
-def write_datalist(datalist: Mapping[str, Any], out: str | Path, dataset_dir: str | Path, overwrite: bool = False) -> Path:
+def write_datalist(
+    datalist: Mapping[str, Any], out: str | Path, dataset_dir: str | Path, overwrite: bool = False
+) -> Path:
     """
     Write ``datalist`` as JSON to ``out`` (through a temporary file in the same folder, so that a failure leaves no
     partial file) and return ``out``.
@@ -451,22 +479,22 @@ def write_datalist(datalist: Mapping[str, Any], out: str | Path, dataset_dir: st
     listed = {dataset_dir / "dataset.json"}
     for entries in datalist.values():
         if isinstance(entries, list):
-            listed |= {dataset_dir / value for entry in entries if isinstance(entry, dict) for value in entry.values() if isinstance(value, str)}
+            listed |= {
+                dataset_dir / value
+                for entry in entries
+                if isinstance(entry, dict)
+                for value in entry.values()
+                if isinstance(value, str)
+            }
     if out.resolve() in {path.resolve() for path in listed}:
         raise ValueError(f"{out} is a file of the dataset; choose another --out for the datalist.")
     if out.is_dir():
         raise IsADirectoryError(f"{out} is a folder; --out must be the path of the datalist file.")
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite (overwrite=True) to replace it.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(json.dumps(datalist, indent=4) + "\n")
-        os.replace(temporary, out)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        raise FileExistsError(
+            f"{out} already exists; choose another --out or pass --overwrite (overwrite=True) to replace it."
+        )
+    write_json(datalist, out)
     return out
 
 
@@ -474,18 +502,31 @@ def _parser() -> argparse.ArgumentParser:
     """The command line: one sub-command per dataset layout, sharing the split and output options."""
     common = argparse.ArgumentParser(add_help=False)
     meta = common.add_mutually_exclusive_group(required=True)
-    meta.add_argument("--meta_cases", nargs="+", metavar="ID", help="ids of the clean meta cases, e.g. liver_3 (MSD) or 3 (LiTS volume-3)")
+    meta.add_argument(
+        "--meta_cases",
+        nargs="+",
+        metavar="ID",
+        help="ids of the clean meta cases, e.g. liver_3 (MSD) or 3 (LiTS volume-3)",
+    )
     meta.add_argument("--num_meta", type=int, metavar="N", help="draw N meta cases at random (with --seed)")
-    common.add_argument("--num_validation", type=int, required=True, metavar="N", help="number of validation cases (>= 1)")
+    common.add_argument(
+        "--num_validation", type=int, required=True, metavar="N", help="number of validation cases (>= 1)"
+    )
     common.add_argument("--num_test", type=int, required=True, metavar="N", help="number of labelled test cases (>= 0)")
     common.add_argument("--seed", type=int, default=0, help="seed of the random split (default: 0)")
-    common.add_argument("--out", type=Path, help=f"datalist file to write (default: <dataset folder>/{DEFAULT_DATALIST})")
+    common.add_argument(
+        "--out", type=Path, help=f"datalist file to write (default: <dataset folder>/{DEFAULT_DATALIST})"
+    )
     common.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     common.add_argument("--skip_unlabelled", action="store_true", help="leave the unlabelled test images out")
-    common.add_argument("--check", action="store_true", help="then check every file with scripts.checks (reads all labels)")
+    common.add_argument(
+        "--check", action="store_true", help="then check every file with scripts.checks (reads all labels)"
+    )
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     layouts = parser.add_subparsers(dest="layout", required=True)
-    msd = layouts.add_parser("msd", parents=[common], help="a Medical Segmentation Decathlon task folder (dataset.json)")
+    msd = layouts.add_parser(
+        "msd", parents=[common], help="a Medical Segmentation Decathlon task folder (dataset.json)"
+    )
     msd.add_argument("--task_dir", type=Path, required=True, help="the task folder, e.g. /data/Task03_Liver")
     lits = layouts.add_parser("lits", parents=[common], help="a LiTS folder of volume-N / segmentation-N files")
     lits.add_argument("--lits_dir", type=Path, required=True, help="the LiTS folder, e.g. /data/LiTS")
@@ -516,16 +557,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(" ".join(f"{split}={len(datalist[split])}" for split in (*SPLITS, UNLABELLED) if split in datalist))
     print("meta cases: " + " ".join(datalist["conversion"]["meta_cases"]))
     if args.check:
-        from scripts.checks import DatalistError, validate_datalist
-
         labels = datalist.get("labels")
         try:
-            validate_datalist(out, dataset_dir, **({"num_classes": len(labels)} if isinstance(labels, dict) and labels else {}))
+            validate_datalist(
+                out, dataset_dir, **({"num_classes": len(labels)} if isinstance(labels, dict) and labels else {})
+            )
         except DatalistError as error:
             print(f"error: the datalist was written but {error}", file=sys.stderr)
             return 1
         print("check: every listed file is readable and consistent")
-    print(f"train with: python -m monai.bundle run --config_file configs/train.json --dataset_dir {dataset_dir} --datalist {out}")
+    print(
+        f"train with: python -m monai.bundle run --config_file configs/train.json --dataset_dir {dataset_dir} --datalist {out}"
+    )
     return 0
 
 

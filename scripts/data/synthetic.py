@@ -289,7 +289,9 @@ def generate_dataset(
     }
     _validate(generator)
     if corruption is None:
-        corrupter: RandLabelCorruptiond = RandErodeDilateLabeld(keys="label", prob=corrupt_fraction, radius=tuple(generator["radius"]))
+        corrupter: RandLabelCorruptiond = RandErodeDilateLabeld(
+            keys="label", prob=corrupt_fraction, radius=tuple(generator["radius"])
+        )
     else:
         corrupter = make_corruption(corruption, prob=corrupt_fraction)
     corruption_seed = np.random.SeedSequence(generator["seed"], spawn_key=(len(SPLITS),)).generate_state(1)[0]
