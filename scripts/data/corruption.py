@@ -22,7 +22,6 @@ model                                     strength β
 
 from __future__ import annotations
 
-import numbers
 from abc import abstractmethod
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from functools import partial
@@ -34,6 +33,8 @@ from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import MAX_SEED, convert_to_dst_type, convert_to_numpy, ensure_tuple_rep
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
+
+from scripts.utils import check_number, check_range
 
 __all__ = [
     "MODELS",
@@ -59,31 +60,6 @@ __all__ = [
 ]
 
 MORPH_OPERATIONS = ("erode", "dilate")
-
-
-def _check_number(name: str, value: Any, low: float, high: float = np.inf, integer: bool = False) -> float:
-    """``value`` as an int or float, raising ValueError unless it is a number in ``[low, high]``."""
-    kind = numbers.Integral if integer else numbers.Real
-    if not isinstance(value, kind) or isinstance(value, bool) or not low <= value <= high:
-        allowed = f"in [{low}, {high}]" if high < np.inf else f">= {low}"
-        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'} {allowed}, got {value!r}.")
-    return int(value) if integer else float(value)
-
-
-def _check_range(name: str, value: Any, low: float, high: float = np.inf, integer: bool = False) -> tuple:
-    """``value`` as a ``(min, max)`` tuple, raising ValueError unless ``low <= min <= max <= high``."""
-    kind = numbers.Integral if integer else numbers.Real
-    if (
-        np.ndim(value) != 1
-        or len(value) != 2
-        or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
-        or not low <= value[0] <= value[1] <= high
-    ):
-        kind_name = "integers" if integer else "numbers"
-        upper = f" <= {high}" if high < np.inf else ""
-        raise ValueError(f"{name} must be two {kind_name} (min, max) with {low} <= min <= max{upper}, got {value!r}.")
-    cast = int if integer else float
-    return cast(value[0]), cast(value[1])
 
 
 def ball(radius: int, norm: float = 2) -> np.ndarray:
@@ -313,7 +289,7 @@ class RandLabelCorruptiond(RandomizableTransform, MapTransform):
         mask_key: str | Sequence[str] = "corruption_mask",
         allow_missing_keys: bool = False,
     ) -> None:
-        prob = _check_number("prob", prob, 0, 1)
+        prob = check_number("prob", prob, 0, 1)
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, prob)
         self.mask_keys = ensure_tuple_rep(mask_key, len(self.keys))
@@ -376,8 +352,8 @@ class RandErodeDilateLabeld(RandLabelCorruptiond):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, prob, mask_key, allow_missing_keys)
-        self.radius = _check_range("radius", radius, 0, integer=True)
-        self.norm = _check_number("norm", norm, 1)
+        self.radius = check_range("radius", radius, 0, integer=True)
+        self.norm = check_number("norm", norm, 1)
         self._operation = MORPH_OPERATIONS[0]
         self._radius = self.radius[0]
 
@@ -425,11 +401,11 @@ class RandMarkovNoiseLabeld(RandLabelCorruptiond):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, prob, mask_key, allow_missing_keys)
-        self.steps = _check_number("steps", steps, 0, integer=True)
-        self.expand_prob = _check_number("expand_prob", expand_prob, 0, 1)
-        self.flip_prob = _check_number("flip_prob", flip_prob, 0, 1)
-        self.noise_prob = _check_number("noise_prob", noise_prob, 0, 1)
-        self.sigma = _check_number("sigma", sigma, 0)
+        self.steps = check_number("steps", steps, 0, integer=True)
+        self.expand_prob = check_number("expand_prob", expand_prob, 0, 1)
+        self.flip_prob = check_number("flip_prob", flip_prob, 0, 1)
+        self.noise_prob = check_number("noise_prob", noise_prob, 0, 1)
+        self.sigma = check_number("sigma", sigma, 0)
         self._expand = np.zeros(self.steps, bool)
         self._seed = 0
 
@@ -481,9 +457,9 @@ class RandAffineLabeld(RandLabelCorruptiond):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, prob, mask_key, allow_missing_keys)
-        self.shift = _check_range("shift", shift, 0)
-        self.rotation = _check_range("rotation", rotation, 0, 180)
-        self.scale = _check_range("scale", scale, 0.1, 10)
+        self.shift = check_range("shift", shift, 0)
+        self.rotation = check_range("rotation", rotation, 0, 180)
+        self.scale = check_range("scale", scale, 0.1, 10)
         self._shift = np.zeros(3)
         self._rotation = np.zeros(3)
         self._scale = 1.0
@@ -528,7 +504,7 @@ class RandDropComponentLabeld(RandLabelCorruptiond):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, prob, mask_key, allow_missing_keys)
-        self.num_components = _check_range("num_components", num_components, 0, integer=True)
+        self.num_components = check_range("num_components", num_components, 0, integer=True)
         self._num_components = self.num_components[0]
         self._seed = 0
 
@@ -566,7 +542,7 @@ class RandAddBlobLabeld(RandLabelCorruptiond):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, prob, mask_key, allow_missing_keys)
-        self.radius = _check_range("radius", radius, 1)
+        self.radius = check_range("radius", radius, 1)
         self._radii = np.full(3, self.radius[0])
         self._seed = 0
 
@@ -608,8 +584,8 @@ class RandElasticLabeld(RandLabelCorruptiond):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, prob, mask_key, allow_missing_keys)
-        self.magnitude = _check_range("magnitude", magnitude, 0)
-        self.points = _check_number("points", points, 2, integer=True)
+        self.magnitude = check_range("magnitude", magnitude, 0)
+        self.points = check_number("points", points, 2, integer=True)
         self._magnitude = self.magnitude[0]
         self._grid = np.zeros((3,) + (self.points,) * 3)
 
