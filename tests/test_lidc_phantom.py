@@ -11,16 +11,14 @@ import pytest
 from monai.data import load_decathlon_datalist
 
 from scripts import lidc
-from scripts.lidc import phantom as lidc_phantom
-from scripts.data.synthetic import SPLITS
-from scripts.lidc.phantom import generate_lidc_phantom, make_phantom
 from scripts.checks import validate_datalist
+from scripts.lidc import phantom as lidc_phantom
+from scripts.lidc.phantom import generate_lidc_phantom, make_phantom
+from scripts.utils import SPLITS
 from tests.conftest import needs_lidc_database
 
 TINY = {"num_training": 4, "num_meta": 1, "num_validation": 1, "num_test": 1}
 SHAPE = (32, 32, 16)
-
-
 
 
 def load(path: Path) -> np.ndarray:
@@ -127,7 +125,10 @@ def test_deterministic_per_seed_and_stable_evaluation_cases(dataset, tmp_path):
     assert nodules != {record["nodule_id"] for record in other.values()}
     # more training cases leave the test, validation and meta nodules as they were
     more = json.loads(generate_lidc_phantom(tmp_path / "more", seed=0, **{**TINY, "num_training": 5}).read_text())
-    evaluation = lambda sources: [(r["split"], r["nodule_id"]) for r in sources.values() if r["split"] != "training"]
+
+    def evaluation(sources: dict) -> list:
+        return [(r["split"], r["nodule_id"]) for r in sources.values() if r["split"] != "training"]
+
     assert evaluation(more["sources"]) == evaluation(json.loads(dataset.read_text())["sources"])
 
 

@@ -24,12 +24,13 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from scripts.data.corruption import RandErodeDilateLabeld, RandLabelCorruptiond, make_corruption
-from scripts.utils import SPLITS, check_number, write_json, write_nifti
+from scripts.utils import DATALIST, SPLITS, check_number, write_json, write_nifti
 
 __all__ = [
     "DATALIST",
     "case_files",
     "centred_affine",
+    "dataset_parser",
     "generate_dataset",
     "make_case",
     "plan_cases",
@@ -38,7 +39,6 @@ __all__ = [
 ]
 
 LABELS = {"0": "background", "1": "blob", "2": "tube"}
-DATALIST = "datalist.json"
 MIN_SIZE = 16
 # geometry is defined in the voxel units of a reference 48^3 volume and scaled per axis to the requested shape
 REF_SIZE = 48.0
@@ -324,25 +324,30 @@ def generate_dataset(
     return write_json(datalist, out_dir / DATALIST)
 
 
+def dataset_parser(prog: str, description: str, out_dir: str, shape: Sequence[int]) -> argparse.ArgumentParser:
+    """The options every dataset generator takes: folder, seed, split sizes, volume shape and overwrite."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--out_dir", default=out_dir, help=f"dataset folder (default: {out_dir})")
+    parser.add_argument("--seed", type=int, default=0)
+    for split, count in (("training", 16), ("meta", 4), ("validation", 4), ("test", 6)):
+        parser.add_argument(f"--num_{split}", type=int, default=count)
+    parser.add_argument("--shape", type=int, nargs=3, default=list(shape), help="volume shape x y z")
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of an existing dataset")
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     """Command line entry point: generate the dataset and print the datalist path and a summary."""
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--out_dir", default="data/default", help="dataset folder (default: data/default)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_training", type=int, default=16)
-    parser.add_argument("--num_meta", type=int, default=4)
-    parser.add_argument("--num_validation", type=int, default=4)
-    parser.add_argument("--num_test", type=int, default=6)
-    parser.add_argument("--shape", type=int, nargs=3, default=[48, 48, 48])
+    parser = dataset_parser("python -m scripts.data", __doc__.strip().splitlines()[0], "data/default", (48, 48, 48))
     parser.add_argument("--spacing", type=float, nargs=3, default=[1.5, 1.5, 2.0])
     parser.add_argument("--corrupt_fraction", type=float, default=0.5)
     parser.add_argument("--radius", type=int, nargs=2, default=[2, 3], help="min and max erosion/dilation radius")
     parser.add_argument(
         "--corruption",
         type=lambda text: json.loads(text) if text.lstrip().startswith("{") else text,
-        help="another noise model: a preset name of scripts.data.corruption.PRESETS or a JSON spec (default: erosion/dilation)",
+        help="another noise model: a preset name of scripts.data.corruption.PRESETS or a JSON spec "
+        "(default: erosion/dilation)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace the files of an existing dataset")
     args = vars(parser.parse_args(argv))
     path = generate_dataset(**args)
     datalist = json.loads(path.read_text())

@@ -1,5 +1,7 @@
+"""``python -m scripts.lidc stats|convert ...``: the command line of :py:mod:`scripts.lidc.cli`."""
+
 import sys
 
-from scripts.lidc._all import main
+from scripts.lidc.cli import main
 
 sys.exit(main())

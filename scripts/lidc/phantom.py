@@ -6,7 +6,7 @@ Every case is one LIDC-IDRI nodule outlined by several radiologists (read from p
 into a synthetic patch of lung parenchyma with vessels, partial-volume blur and noise, so no CT image is needed.
 Training labels are a single reader's mask, so the label noise is real radiologist disagreement; the clean label
 (and every meta, validation and test label) is the consensus. The files follow the Medical Segmentation
-Decathlon layout of :py:func:`scripts.data.generate_dataset`.
+Decathlon layout of :py:func:`scripts.data.synthetic.generate_dataset`.
 
 Usage from the bundle root::
 
@@ -15,7 +15,6 @@ Usage from the bundle root::
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 from collections import defaultdict
@@ -27,30 +26,18 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from scripts.data.synthetic import (
-    DATALIST,
     MIN_SIZE,
-    SPLITS,
-    centred_affine,
     case_files,
-    check_number,
+    centred_affine,
+    dataset_parser,
     plan_cases,
     reuse_existing,
-    write_nifti,
     smooth_noise,
 )
-from scripts.lidc._all import (
-    LIDC,
-    LIDC_LABELS,
-    MAX_READERS,
-    BoxMask,
-    NoduleCase,
-    choose_reader,
-    database_path,
-    load_database,
-    nodule_cases,
-    parse_reader,
-    patch_start,
-)
+from scripts.lidc.database import LIDC, MAX_READERS, database_path, load_database
+from scripts.lidc.nodules import LIDC_LABELS, NoduleCase, choose_reader, nodule_cases, parse_reader
+from scripts.lidc.raster import BoxMask, patch_start
+from scripts.utils import DATALIST, SPLITS, check_number, dice, write_json, write_nifti
 
 __all__ = ["generate_lidc_phantom", "make_phantom", "select_nodules"]
 
@@ -78,7 +65,7 @@ def _vessel(rng: np.random.Generator, coords: np.ndarray, half_size: np.ndarray)
     """Mask of a thin tube (radius 0.5-1.5 mm) along a gently bent line through a random point of the patch's
     central half (``coords`` in mm from the patch centre, ``half_size`` the patch's half size in mm).
 
-    As the tube of :py:func:`scripts.data.make_case`, but in mm so that it stays round on anisotropic voxels.
+    As the tube of :py:func:`scripts.data.synthetic.make_case`, but in mm so that it stays round on anisotropic voxels.
     """
     direction = rng.normal(size=3)
     direction /= np.linalg.norm(direction)
@@ -119,7 +106,7 @@ def make_phantom(rng: np.random.Generator, nodule: np.ndarray, spacing: Sequence
         spacing: voxel size (mm) along the three axes, texture and vessels are drawn in mm.
     """
     shape, spacing = nodule.shape, np.asarray(spacing, dtype=float)
-    axes = [(np.arange(n) - (n - 1) / 2) * step for n, step in zip(shape, spacing)]
+    axes = [(np.arange(n) - (n - 1) / 2) * step for n, step in zip(shape, spacing, strict=True)]
     coords = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)  # mm from the patch centre
     ideal = PARENCHYMA + rng.uniform(-0.04, 0.04)
     ideal += rng.uniform(0.02, 0.04) * smooth_noise(rng, shape, tuple(1.0 / spacing))
@@ -233,12 +220,6 @@ def select_nodules(
 # writing
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two boolean masks (1.0 when both are empty)."""
-    total = int(a.sum() + b.sum())
-    return 2.0 * int((a & b).sum()) / total if total else 1.0
-
-
 def _write_case(
     out_dir: Path,
     split: str,
@@ -278,7 +259,7 @@ def _write_case(
             label_voxels=int(label.sum()),
             reader_truncated=bool(label.sum() < nodule.masks[reader].sum()),
             changed_voxels=int(changed.sum()),
-            dice=round(_dice(label, clean), 6),
+            dice=round(dice(label, clean), 6),
         )
     entry: dict = case_files(split, case_id)
     affine = centred_affine(shape, spacing)
@@ -294,16 +275,14 @@ def _generator(
     seed: int, counts: dict[str, int], shape: Sequence[int], min_readers: int, reader: str | int
 ) -> dict:
     """The parameters recorded in the datalist (a dataset is reused only when they match), checked."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
-    check_number("seed", seed, 0)
+    check_number("seed", seed, 0, integer=True)
     for split, count in counts.items():
-        check_number(f"num_{split}", count, 1 if split in ("training", "meta") else 0)
+        check_number(f"num_{split}", count, 1 if split in ("training", "meta") else 0, integer=True)
     if len(shape) != 3:
         raise ValueError(f"shape must have 3 entries, got {list(shape)}.")
     for size in shape:
-        check_number("shape entries", size, MIN_SIZE)
-    check_number("min_readers", min_readers, 1, MAX_READERS)
+        check_number("shape entries", size, MIN_SIZE, integer=True)
+    check_number("min_readers", min_readers, 1, MAX_READERS, integer=True)
     return {
         "tool": "scripts.lidc.phantom",
         "seed": int(seed),
@@ -335,9 +314,10 @@ def generate_lidc_phantom(
     1 nodule. A training label is one reader's mask (``reader``), its clean label the consensus (voxels of at
     least half of the readers) and its corruption mask where they differ; meta, validation and test labels are
     the consensus. Case ids, folders and the per-case image seeds are those of
-    :py:func:`scripts.data.generate_dataset`. The datalist's ``sources`` maps every case id to its nodule (patient,
-    scan, nodule index, readers, reader used, Dice of the training label to the consensus). ``datalist.json`` is
-    written last and records the parameters under ``generator``; a folder holding the same parameters is reused.
+    :py:func:`scripts.data.synthetic.generate_dataset`. The datalist's ``sources`` maps every case id to its nodule
+    (patient, scan, nodule index, readers, reader used, Dice of the training label to the consensus).
+    ``datalist.json`` is written last, atomically, and records the parameters under ``generator``; a folder holding
+    the same parameters is reused.
 
     Args:
         out_dir: dataset folder, created if needed.
@@ -396,21 +376,23 @@ def generate_lidc_phantom(
         **entries,
         "sources": sources,
     }
-    path = out_dir / DATALIST
-    path.write_text(json.dumps(datalist, indent=4) + "\n")
-    return path
+    return write_json(datalist, out_dir / DATALIST)
 
 
 def label_noise(datalist: dict) -> dict[str, float]:
     """How far the training labels are from the consensus: mean (and min) Dice, and changed voxels / consensus
-    voxels (as ``scripts.experiments.benchmark.changed_voxel_fraction`` measures), from the datalist's ``sources``."""
+    voxels (as ``scripts.experiments.benchmark.changed_voxel_fraction`` measures), from the datalist's ``sources``.
+
+    A Dice is NaN where both masks are empty (:py:func:`scripts.utils.dice`) and is left out of the mean and the
+    min; phantom nodules are never empty, so none is.
+    """
     records = [record for record in datalist["sources"].values() if record["split"] == "training"]
     dices = [record["dice"] for record in records]
     changed = sum(record["changed_voxels"] for record in records)
     foreground = sum(record["consensus_voxels"] for record in records)
     return {
-        "mean_dice": float(np.mean(dices)),
-        "min_dice": float(np.min(dices)),
+        "mean_dice": float(np.nanmean(dices)),
+        "min_dice": float(np.nanmin(dices)),
         "changed_fraction": changed / max(foreground, 1),
         "corrupted": sum(record["changed_voxels"] > 0 for record in records),
     }
@@ -418,17 +400,9 @@ def label_noise(datalist: dict) -> dict[str, float]:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     """Command line entry point: generate the dataset and print the datalist path and a summary."""
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--out_dir", default="data/lidc_phantom", help="dataset folder (default: data/lidc_phantom)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_training", type=int, default=16)
-    parser.add_argument("--num_meta", type=int, default=4)
-    parser.add_argument("--num_validation", type=int, default=4)
-    parser.add_argument("--num_test", type=int, default=6)
-    parser.add_argument("--shape", type=int, nargs=3, default=[32, 32, 16], help="patch shape x y z")
+    parser = dataset_parser("python -m scripts.lidc.phantom", __doc__.strip().splitlines()[0], "data/lidc_phantom", (32, 32, 16))
     parser.add_argument("--min_readers", type=int, default=3)
     parser.add_argument("--reader", type=parse_reader, default="random", help="'random', 'first' or a reader index")
-    parser.add_argument("--overwrite", action="store_true", help="replace the files of an existing dataset")
     path = generate_lidc_phantom(**vars(parser.parse_args(argv)))
     datalist = json.loads(path.read_text())
     noise = label_noise(datalist)
