@@ -15,7 +15,6 @@ the cases by how much of their labelled structures the meta network distrusts, a
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from torch import nn
 
 from scripts.losses import voxel_cross_entropy
 from scripts.meta_net import MetaMaskNet
+from scripts.utils import figure, write_csv, write_json, write_nifti
 
 __all__ = [
     "CaseScore",
@@ -138,7 +138,8 @@ def score_cases(models: TrainedModels, split: str = "training") -> Iterator[Case
 
 
 def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
-    """Area under the ROC curve of ``scores`` for the boolean ``positives`` (ties count one half); NaN if a class is empty.
+    """Area under the ROC curve of ``scores`` for the boolean ``positives`` (ties count one half); NaN if a class
+    is empty.
 
     Computed as the Mann-Whitney statistic from average ranks, which is exact and takes one sort, so it suits
     millions of voxels.
@@ -195,7 +196,9 @@ def case_ranking(cases: Sequence[CaseScore], low_weight: float = 0.5, band: int 
         one row per case, highest score first, with its ``rank`` (1 = most suspect).
     """
     if any(c.weight is None for c in cases):
-        raise ValueError("case_ranking needs the weight maps of a meta network; load_trained(..., with_meta_network=True).")
+        raise ValueError(
+            "case_ranking needs the weight maps of a meta network; load_trained(..., with_meta_network=True)."
+        )
     if not cases:
         return []
     threshold = low_weight * float(np.median(np.concatenate([c.weight.ravel() for c in cases])))
@@ -231,7 +234,8 @@ def _share(selected: np.ndarray, region: np.ndarray) -> float:
 
 
 def ranking_quality(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """How well the ranking finds the truly corrupted cases (rows with ``corrupted``): case AUROC and precision at k.
+    """How well the ranking finds the truly corrupted cases (rows with ``corrupted``): case AUROC and precision
+    at k.
 
     ``precision_at_k`` takes k = the number of truly corrupted cases: the share of them among the k most suspect.
     """
@@ -250,16 +254,13 @@ def ranking_quality(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 def plot_overview(cases: Sequence[CaseScore], rows: Sequence[Mapping[str, Any]], path: Path, top_k: int = 4) -> None:
     """Image | label | weight map of the ``top_k`` most suspect cases, each on its slice with the most low-weight
-    voxels near the label."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    voxels near the label. Drawn on a pyplot-free ``Figure`` (:py:func:`scripts.utils.figure`), so that the
+    caller's matplotlib backend and pyplot state are left alone."""
     by_name = {c.name: c for c in cases}
     shown = [by_name[r["case"]] for r in rows[:top_k]]
-    fig, axes = plt.subplots(len(shown), 3, figsize=(9, 3 * len(shown)), squeeze=False)
-    for row, case, summary in zip(axes, shown, rows):
+    fig = figure(figsize=(9, 3 * len(shown)))
+    axes = fig.subplots(len(shown), 3, squeeze=False)
+    for row, case, summary in zip(axes, shown, rows[: len(shown)], strict=True):
         z = int(np.argmax(((1.0 - case.weight) * (case.label > 0)).sum(axis=(0, 1))))
         row[0].imshow(case.image[..., z].T, cmap="gray", origin="lower")
         row[1].imshow(case.label[..., z].T, cmap="viridis", origin="lower", interpolation="nearest")
@@ -267,12 +268,11 @@ def plot_overview(cases: Sequence[CaseScore], rows: Sequence[Mapping[str, Any]],
         row[1].contour((case.label[..., z] > 0).T, levels=[0.5], colors="white", linewidths=0.6)
         row[2].contour((case.label[..., z] > 0).T, levels=[0.5], colors="cyan", linewidths=0.6)
         fig.colorbar(weights, ax=row[2], fraction=0.046)
-        for ax, name in zip(row, ("image", "label under review", "MCPM weight (label outlined)")):
+        for ax, name in zip(row, ("image", "label under review", "MCPM weight (label outlined)"), strict=True):
             ax.set_title(f"#{summary['rank']} {case.name} z={z}: {name}", fontsize=8)
             ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run_audit(
@@ -284,31 +284,31 @@ def run_audit(
     top_k: int = 4,
 ) -> dict[str, Any]:
     """Score every case of ``split`` and write ``weights/<case>_weight.nii.gz``, ``ranking.csv``, ``overview.png``
-    and ``summary.json`` (voxel and case-level detection quality where corruption masks are known) to ``out_dir``."""
-    import nibabel as nib
+    and ``summary.json`` (voxel and case-level detection quality where corruption masks are known) to ``out_dir``.
 
+    The files are written atomically (:py:mod:`scripts.utils`), so an interrupted audit leaves no half-written one.
+    """
     models = load_trained(config_files, overrides)
     cases = list(score_cases(models, split))
     if not cases:
-        raise ValueError(f"the datalist {models.parser.get_parsed_content('datalist')} has no {split!r} cases to audit.")
-    (out_dir / "weights").mkdir(parents=True, exist_ok=True)
+        datalist = models.parser.get_parsed_content("datalist")
+        raise ValueError(f"the datalist {datalist} has no {split!r} cases to audit.")
     for case in cases:
-        nib.save(nib.Nifti1Image(case.weight.astype(np.float32), case.affine), out_dir / "weights" / f"{case.name}_weight.nii.gz")
+        write_nifti(case.weight.astype(np.float32), case.affine, out_dir / "weights" / f"{case.name}_weight.nii.gz")
     rows = case_ranking(cases, low_weight=low_weight)
-    with open(out_dir / "ranking.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out_dir / "ranking.csv")
     plot_overview(cases, rows, out_dir / "overview.png", top_k=top_k)
     summary = {"cases": len(cases), **detection_summary(cases), **ranking_quality(rows)}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(summary, out_dir / "summary.json", indent=2)
     return summary
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command line entry point: audit the training labels of a trained MCPM bundle."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config_file", nargs="+", default=["configs/train.json"], help="the configs the model was trained with")
+    parser.add_argument(
+        "--config_file", nargs="+", default=["configs/train.json"], help="the configs the model was trained with"
+    )
     parser.add_argument("--dataset_dir", help="dataset folder (default: the config's)")
     parser.add_argument("--datalist", help="datalist JSON (default: the config's, <dataset_dir>/datalist.json)")
     parser.add_argument("--ckpt_dir", help="folder of model.pt and meta_network.pt (default: the config's)")
@@ -318,10 +318,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--low_weight", type=float, default=0.5, help="low weight = below this times the median weight")
     parser.add_argument("--top_k", type=int, default=4, help="cases shown in overview.png")
     args = parser.parse_args(argv)
-    overrides = {key: getattr(args, key) for key in ("bundle_root", "dataset_dir", "datalist", "ckpt_dir") if getattr(args, key)}
+    keys = ("bundle_root", "dataset_dir", "datalist", "ckpt_dir")
+    overrides = {key: getattr(args, key) for key in keys if getattr(args, key)}
     summary = run_audit(args.config_file, overrides, args.out_dir, args.split, args.low_weight, args.top_k)
     print(json.dumps(summary, indent=2))
-    print(f"ranking: {args.out_dir / 'ranking.csv'}; weight maps: {args.out_dir / 'weights'}; figure: {args.out_dir / 'overview.png'}")
+    out = args.out_dir
+    print(f"ranking: {out / 'ranking.csv'}; weight maps: {out / 'weights'}; figure: {out / 'overview.png'}")
     return summary
 
 

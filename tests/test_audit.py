@@ -14,8 +14,9 @@ import pytest
 import torch
 from monai.metrics import compute_roc_auc
 
-from scripts.audit import CaseScore, auroc, case_ranking, detection_summary, ranking_quality
+from scripts.audit import CaseScore, auroc, case_ranking, detection_summary
 from scripts.audit import main as audit_main
+from scripts.audit import ranking_quality
 from scripts.data.corruption import morph_per_class
 from scripts.data.synthetic import generate_dataset
 from tests.conftest import BUNDLE_ROOT, CONFIGS
@@ -43,7 +44,14 @@ def test_auroc_extremes_and_undefined():
 def _case(name: str, loss: np.ndarray, weight: np.ndarray | None, mask: np.ndarray | None) -> CaseScore:
     zeros = np.zeros_like(loss)
     return CaseScore(
-        name=name, image=zeros, label=zeros, prediction=zeros, loss=loss, weight=weight, corruption_mask=mask, affine=np.eye(4)
+        name=name,
+        image=zeros,
+        label=zeros,
+        prediction=zeros,
+        loss=loss,
+        weight=weight,
+        corruption_mask=mask,
+        affine=np.eye(4),
     )
 
 
@@ -98,18 +106,22 @@ def test_case_ranking_puts_the_distrusted_label_first():
 def test_audit_of_the_shipped_model_ranks_a_deliberately_corrupted_label_first(tmp_path):
     """The shipped MCPM model and meta network, on fresh cases, one with its label dilated by 3 voxels."""
     dataset_dir = tmp_path / "data"
-    datalist_path = generate_dataset(dataset_dir, seed=11, num_training=5, num_meta=1, num_validation=1, num_test=0, corrupt_fraction=0.0)
+    datalist_path = generate_dataset(
+        dataset_dir, seed=11, num_training=5, num_meta=1, num_validation=1, num_test=0, corrupt_fraction=0.0
+    )
     entry = json.loads(datalist_path.read_text())["training"][2]
     label_file = nib.load(dataset_dir / entry["label"])
     label = np.asarray(label_file.dataobj)
     dilated = morph_per_class(label, "dilate", 3)
     nib.save(nib.Nifti1Image(dilated, label_file.affine), dataset_dir / entry["label"])
-    nib.save(nib.Nifti1Image((dilated != label).astype(np.uint8), label_file.affine), dataset_dir / entry["corruption_mask"])
+    nib.save(
+        nib.Nifti1Image((dilated != label).astype(np.uint8), label_file.affine), dataset_dir / entry["corruption_mask"]
+    )
 
     out_dir = tmp_path / "audit"
     summary = audit_main(
-        ["--bundle_root", str(BUNDLE_ROOT), "--config_file", str(CONFIGS / "train.json"), "--dataset_dir", str(dataset_dir),
-         "--ckpt_dir", str(BUNDLE_ROOT / "models"), "--out_dir", str(out_dir)]
+        ["--bundle_root", str(BUNDLE_ROOT), "--config_file", str(CONFIGS / "train.json"),
+         "--dataset_dir", str(dataset_dir), "--ckpt_dir", str(BUNDLE_ROOT / "models"), "--out_dir", str(out_dir)]
     )  # fmt: skip
     with open(out_dir / "ranking.csv", newline="") as f:
         ranking = list(csv.DictReader(f))

@@ -10,6 +10,8 @@ import matplotlib.image
 import pytest
 
 from scripts.experiments import benchmark
+from scripts.experiments.methods import METHODS
+from scripts.experiments.report import TARGETS, target_checks, write_report
 from tests.conftest import needs_lidc_database
 
 # one corrupted setting, a tiny network on 16^3 volumes, 2 epochs: every method, every output, in about 2 minutes
@@ -35,7 +37,7 @@ def test_writes_every_output(micro_run):
     out_dir, report = micro_run
     with open(out_dir / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [r["method"] for r in rows] == list(benchmark.METHODS)
+    assert [r["method"] for r in rows] == list(METHODS)
     assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
     assert {r["setting"] for r in rows} == {"ed_severe"} and float(rows[0]["changed_fraction"]) > 0
     mcpm = next(r for r in rows if r["method"] == "mcpm")
@@ -46,7 +48,7 @@ def test_writes_every_output(micro_run):
     assert all(0.0 <= float(r["auroc_loss"]) <= 1.0 for r in rows)
     text = report.read_text()
     assert "| ed_severe" in text and "## Targets" in text
-    assert all(method.label in text for method in benchmark.METHODS.values())
+    assert all(method.label in text for method in METHODS.values())
     for figure in ("dice_vs_noise.png", "weight_maps.png"):
         assert matplotlib.image.imread(out_dir / figure).ndim == 3
 
@@ -62,7 +64,7 @@ def test_a_second_invocation_reuses_finished_runs(micro_run, capsys):
     out_dir, _ = micro_run
     before = {p: p.stat().st_mtime_ns for p in (out_dir / "runs").rglob("model.pt")}
     benchmark.main(["--mode", "quick", "--out_dir", str(out_dir), *MICRO])
-    assert capsys.readouterr().out.count("(reused)") == len(benchmark.METHODS)
+    assert capsys.readouterr().out.count("(reused)") == len(METHODS)
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
 
@@ -93,3 +95,25 @@ def test_lidc_reader_setting_trains_on_single_readers(tmp_path):
     assert all(0.0 <= float(r["dice_nodule"]) <= 1.0 for r in rows)
     # every training label is a single reader's outline: some voxels always differ from the consensus
     assert float(rows[0]["changed_fraction"]) > 0 and 0.0 <= float(rows[1]["auroc_weight"]) <= 1.0
+
+
+def _row(setting: str, method: str, dice: float, **values: float) -> dict:
+    """One run's row as run_benchmark returns it, with the values the report reads."""
+    keys = ("hd95", "auroc_weight", "auroc_loss", "weight_corrupted", "weight_unchanged")
+    row = {"setting": setting, "setting_label": setting, "family": "erosion/dilation", "seed": 0, "method": method}
+    return row | {"changed_fraction": 0.3, "dice": dice, "dice_blob": dice} | {k: values.get(k, math.nan) for k in keys}
+
+
+def test_report_checks_the_bundles_targets(tmp_path):
+    """The report lists the bundle's targets and marks each measured one met or not, without any training."""
+    rows = [_row("ed_a0.5", "plain", 0.6), _row("ed_a0.5", "clean", 0.8), _row("ed_a0.5", "small_loss", 0.62)]
+    rows += [_row("ed_a0.5", "mcpm", 0.75, auroc_weight=0.9), _row("ed_a0", "plain", 0.8), _row("ed_a0", "mcpm", 0.78)]
+    checks = target_checks(rows)
+    assert len(checks) == len(TARGETS) == 4
+    assert checks[0].startswith("ed_a0.5: MCPM closes 0.75 of the gap") and checks[0].endswith(": met")
+    assert "small-loss truncation 0.620" in checks[1] and checks[2].endswith(": met")
+    assert checks[3].startswith("ed_a0: MCPM − plain Dice -0.0200") and checks[3].endswith("**not met**")
+    text = write_report(tmp_path / "results.md", "quick", rows, "python -m x", 60.0, "volumes 16x16x16").read_text()
+    assert "The bundle's targets:" in text and all(target in text for target in TARGETS)
+    assert "| ed_a0.5 (ed_a0.5, 30% changed) | MCPM | 1 | 0.750 ± 0.000 |" in text
+    assert text.rstrip().endswith("Figures: `dice_vs_noise.png`")  # no weight_maps.png when none was drawn

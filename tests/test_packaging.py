@@ -1,13 +1,16 @@
-"""Model-zoo packaging and export: the release zip, its download and load through MONAI from a local server,
-``large_files.yml`` hashes, and ONNX / TorchScript exports that agree with the checkpoint."""
+"""Model-zoo packaging and export: the release zip (the bundle's runtime code with everything it imports, the
+model card and the docs it links), its download and load through MONAI from a local server, ``large_files.yml``
+hashes, and ONNX / TorchScript exports that agree with the checkpoint."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import http.server
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -24,8 +27,8 @@ import yaml
 from monai.bundle import ConfigParser, download_large_files, load
 from monai.networks.nets import UNet
 
-from tools.package import BUNDLE_NAME, package_bundle
 from tests.conftest import BUNDLE_ROOT
+from tools.package import BUNDLE_NAME, package_bundle
 
 CONFIGS = BUNDLE_ROOT / "configs"
 MODEL = BUNDLE_ROOT / "models" / "model.pt"
@@ -108,12 +111,23 @@ def fake_bundle(tmp_path) -> Path:
     """A minimal bundle plus everything that must stay out of a release."""
     root = tmp_path / "bundle"
     files = {
-        "LICENSE": "licence", "README.md": "readme", "docs/README.md": "docs", "scripts/__init__.py": "",
-        "configs/inference.json": "{}", "configs/logging.conf": "", "models/model.pt": "weights",
+        "LICENSE": "licence",
+        "README.md": "readme",
+        "docs/README.md": "docs",
+        "scripts/__init__.py": "",
+        "configs/inference.json": "{}",
+        "configs/logging.conf": "",
+        "models/model.pt": "weights",
         "configs/metadata.json": json.dumps({"version": "0.2.0", "changelog": {"0.2.0": "x"}}),
-        "data/default/case.nii.gz": "", "runs/demo/log.txt": "", "eval/scores.csv": "", "tests/test_x.py": "",
-        ".venv/bin/python": "", ".git/HEAD": "", "scripts/__pycache__/x.cpython-311.pyc": "",
-        "models/checkpoint_final.pt": "optimizer state", "dist/old.zip": "",
+        "data/default/case.nii.gz": "",
+        "runs/demo/log.txt": "",
+        "eval/scores.csv": "",
+        "tests/test_x.py": "",
+        ".venv/bin/python": "",
+        ".git/HEAD": "",
+        "scripts/__pycache__/x.cpython-311.pyc": "",
+        "models/checkpoint_final.pt": "optimizer state",
+        "dist/old.zip": "",
     }
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -144,8 +158,118 @@ def test_zip_of_this_bundle(dist):
     zoo_files = {"LICENSE", "README.md", "large_files.yml", "models/model.pt", "models/meta_network.pt"}
     zoo_files |= {"configs/metadata.json", "configs/inference.json", "configs/logging.conf", "docs/README.md"}
     assert zoo_files <= files
-    assert {p.relative_to(BUNDLE_ROOT).as_posix() for p in (BUNDLE_ROOT / "scripts").glob("*.py")} <= files
-    assert not any(EXCLUDED & set(Path(name).parts) for name in names)
+    # the runtime code, not every scripts/*.py: the package, what the configs name and the audit command, with
+    # what they import (the closure is checked by test_shipped_code_imports_only_shipped_code)
+    runtime = {"scripts/__init__.py", "scripts/trainer.py", "scripts/meta_net.py", "scripts/losses.py"}
+    assert runtime | {"scripts/audit.py", "scripts/utils.py"} <= files
+    code = {name for name in files if name.endswith(".py")}
+    # the default data's generator and the datalist converter ship; not scripts/lidc, experiments or tools
+    assert {"scripts/data/__main__.py", "scripts/data/synthetic.py", "scripts/data/datalists.py"} <= code
+    assert all(Path(name).parent in (Path("scripts"), Path("scripts/data")) for name in code)
+    # the model card, the docs it links and the figures they show; not tool docs it does not link
+    assert {"docs/results.md", "docs/results_dice_vs_noise.png", "docs/results_weight_maps.png"} <= files
+    assert {"docs/audit.md", "docs/real_data.md"} <= files  # real_data.md through audit.md's link
+    # no top-level data, runs, environments or tests (scripts/data is the shipped data tools), no caches anywhere
+    assert not any(EXCLUDED & {Path(name).parts[1]} or "__pycache__" in Path(name).parts for name in names)
+
+
+def _bundle_imports(source: str, module: str) -> set[str]:
+    """The ``scripts`` modules (or names in them) that ``source`` of ``module`` imports, anywhere in it."""
+    package = module.rsplit(".", 1)[0] if not module.endswith("__init__") else module[: -len(".__init__")]
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            names.add(node.module if not node.level else ".".join(filter(None, [base, node.module])))
+    return {name for name in names if name.split(".")[0] == "scripts"}
+
+
+def test_shipped_code_imports_only_shipped_code(dist):
+    """Every scripts module the shipped configs name and every scripts import in the shipped code is shipped."""
+    archive = zipfile.ZipFile(dist / ZIP_NAME)
+    files = {name.split("/", 1)[1]: name for name in archive.namelist()}
+
+    def shipped(dotted: str) -> bool:
+        path = dotted.replace(".", "/")
+        return f"{path}.py" in files or f"{path}/__init__.py" in files
+
+    targets = set()
+    for name in (n for n in files if n.startswith("configs/") and n.endswith(".json")):
+        targets |= set(re.findall(r'"_target_": "\$?(scripts\.[\w.]+)"', archive.read(files[name]).decode()))
+    assert "scripts.trainer.MCPMTrainer" in targets
+    # a _target_ is module.attribute: its module is a shipped module
+    assert all(shipped(target.rsplit(".", 1)[0]) for target in targets), sorted(targets)
+    for name in (n for n in files if n.endswith(".py")):
+        module = name[: -len(".py")].replace("/", ".")
+        imported = _bundle_imports(archive.read(files[name]).decode(), module)
+        assert all(shipped(m) or shipped(m.rsplit(".", 1)[0]) for m in imported), (name, sorted(imported))
+
+
+def test_shipped_docs_are_the_model_card_and_what_it_links(dist):
+    """Every doc and image a shipped doc links is shipped, and every shipped doc or image is linked by one."""
+    archive = zipfile.ZipFile(dist / ZIP_NAME)
+    docs = {name.split("/", 1)[1] for name in archive.namelist() if name.split("/")[1] == "docs"}
+    linked = {"docs/README.md"}
+    for doc in (name for name in docs if name.endswith(".md")):
+        text = re.sub(r"```.*?```", "", archive.read(f"{BUNDLE_NAME}/{doc}").decode(), flags=re.S)
+        targets = {t for t in re.findall(r"\]\(([^)#\s]+)", text) if not re.match(r"[a-z]+:", t)}
+        linked |= {os.path.normpath(f"docs/{t}") for t in targets if t.endswith((".md", ".png"))}
+    linked = {name for name in linked if name.startswith("docs/")}
+    assert docs == linked, (sorted(docs - linked), sorted(linked - docs))
+
+
+def test_shipped_modules_import_in_the_unzipped_bundle(dist, tmp_path):
+    """Each shipped module imports from the unzipped folder alone (no repository on the path)."""
+    zipfile.ZipFile(dist / ZIP_NAME).extractall(tmp_path)
+    bundle = tmp_path / BUNDLE_NAME
+    modules = sorted(f"scripts.{p.stem}" for p in (bundle / "scripts").glob("*.py") if p.stem != "__init__")
+    code = f"import importlib, scripts; print(scripts.__file__); [importlib.import_module(m) for m in {modules!r}]"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    command = [sys.executable, "-c", code]
+    result = check(subprocess.run(command, cwd=bundle, env=env, capture_output=True, text=True, timeout=TIMEOUT_S))
+    assert Path(result.stdout.splitlines()[0]).resolve().is_relative_to(bundle.resolve())
+
+
+def test_docs_follow_the_model_card_links(fake_bundle, tmp_path):
+    """Only the docs the model card links, transitively, ship, with the images they show; code is no link."""
+    docs = fake_bundle / "docs"
+    (docs / "README.md").write_text("See [the method](method.md#options), [a site](https://example.org/x.md).\n")
+    (docs / "method.md").write_text("![weights](figures/w.png)\n[back](README.md) [more](./more.md)\n")
+    (docs / "more.md").write_text('<img src="plot.svg">\n`[not a link](tool.md)`\n```\n[nor this](tool.md)\n```\n')
+    for name in ("tool.md", "figures/w.png", "plot.svg", "unshown.png"):
+        (docs / name).parent.mkdir(parents=True, exist_ok=True)
+        (docs / name).write_text("")
+    names = zipfile.ZipFile(package_bundle(fake_bundle, tmp_path, name="fake")).namelist()
+    shipped_docs = sorted(name[len("fake/") :] for name in names if name.startswith("fake/docs/"))
+    expected = ["README.md", "figures/w.png", "method.md", "more.md", "plot.svg"]
+    assert shipped_docs == [f"docs/{name}" for name in expected]
+    (docs / "more.md").write_text("[gone](gone.md) ![gone](gone.png)\n")
+    with pytest.raises(ValueError, match="docs/more.md links gone.md.*docs/more.md shows gone.png"):
+        package_bundle(fake_bundle, tmp_path, name="fake", overwrite=True)
+
+
+def test_package_refuses_code_that_imports_unshipped_modules(fake_bundle, tmp_path):
+    """A config or shipped module that needs a module outside the shipped folders (or a missing one) stops
+    packaging."""
+    target = {"trainer": {"_target_": "scripts.trainer.Trainer"}, "check": "$scripts.checks.run(@trainer)"}
+    (fake_bundle / "configs" / "train.json").write_text(json.dumps(target))
+    (fake_bundle / "scripts" / "trainer.py").write_text("from scripts import losses\nfrom .utils import helper\n")
+    for name in ("losses", "utils", "checks", "unused"):
+        (fake_bundle / "scripts" / f"{name}.py").write_text("")
+    names = zipfile.ZipFile(package_bundle(fake_bundle, tmp_path / "ok", name="fake")).namelist()
+    code = sorted(name[len("fake/") :] for name in names if name.endswith(".py"))
+    assert code == [f"scripts/{name}.py" for name in ("__init__", "checks", "losses", "trainer", "utils")]
+    (fake_bundle / "scripts" / "lidc").mkdir()
+    (fake_bundle / "scripts" / "lidc" / "__init__.py").write_text("")
+    (fake_bundle / "scripts" / "utils.py").write_text("def helper():\n    from scripts.lidc import generate\n")
+    (fake_bundle / "scripts" / "checks.py").write_text("import scripts.missing\n")
+    with pytest.raises(ValueError) as raised:
+        package_bundle(fake_bundle, tmp_path / "bad", name="fake")
+    assert "scripts/utils.py imports scripts.lidc, but scripts/lidc/__init__.py is not shipped" in str(raised.value)
+    assert "scripts/checks.py imports scripts.missing, which does not exist" in str(raised.value)
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
 
 
 def test_package_refuses_version_missing_from_changelog(fake_bundle, tmp_path):

@@ -14,6 +14,10 @@ Then it writes into ``--out_dir``:
 Finished runs are kept (``<out_dir>/runs/<setting>/seed<k>/<method>/result.json``), so an interrupted benchmark
 continues where it stopped and more seeds can be added later.
 
+This module holds the settings, the modes, the orchestration and the result cache; the methods and how a run
+is launched are in :py:mod:`scripts.experiments.methods`, the statistics, table, targets and figures in
+:py:mod:`scripts.experiments.report`.
+
     python -m scripts.experiments.benchmark --mode quick   # 2 CPU cores, under 30 minutes
     python -m scripts.experiments.benchmark --mode full    # meant for a GPU
 """
@@ -21,13 +25,9 @@ continues where it stopped and more seeds can be added later.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import math
-import os
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -37,35 +37,13 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-import torch
 from monai.bundle import run as run_workflow
 
-from scripts.audit import CaseScore, detection_summary, load_trained, score_cases
+from scripts.audit import detection_summary, load_trained, score_cases
 from scripts.data.synthetic import generate_dataset
-
-BUNDLE_ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = BUNDLE_ROOT / "configs"
-
-
-@dataclass(frozen=True)
-class Method:
-    """A training method: the configs merged for it, and whether it learns a meta mask network."""
-
-    label: str
-    configs: tuple[str, ...]
-    meta_network: bool = False
-    # plain training on the meta set alone sees fewer cases per epoch; its epochs are scaled to the same updates
-    meta_set_only: bool = False
-
-
-METHODS: dict[str, Method] = {
-    "clean": Method("clean labels (upper bound)", ("train.json", "train_baseline.json", "train_clean_labels.json")),
-    "plain": Method("plain, noisy labels", ("train.json", "train_baseline.json")),
-    "small_loss": Method("small-loss truncation", ("train.json", "train_baseline.json", "train_small_loss.json")),
-    "l2rw": Method("pixel-wise L2RW", ("train.json", "train_l2rw.json")),
-    "meta_only": Method("meta set only", ("train.json", "train_baseline.json", "train_meta_only.json"), meta_set_only=True),
-    "mcpm": Method("MCPM", ("train.json",), meta_network=True),
-}
+from scripts.experiments.methods import BUNDLE_ROOT, CONFIGS, METHODS, Method, bundle_run, class_names, read_case_dice
+from scripts.experiments.report import plot_dice_vs_noise, plot_weight_maps, write_report
+from scripts.utils import nanmean, write_csv, write_json
 
 
 @dataclass(frozen=True)
@@ -87,7 +65,9 @@ class Setting:
 
 
 def _erode_dilate(alpha: float, radius: tuple[int, int]) -> Setting:
-    return Setting(f"alpha={alpha:g}, r={radius[0]}-{radius[1]}", alpha, {"model": "erode_dilate", "radius": list(radius)})
+    return Setting(
+        f"alpha={alpha:g}, r={radius[0]}-{radius[1]}", alpha, {"model": "erode_dilate", "radius": list(radius)}
+    )
 
 
 def _markov(alpha: float, steps: int) -> Setting:
@@ -158,50 +138,13 @@ MODES: dict[str, Mode] = {
 }
 
 
-def bundle_run(config_names: Sequence[str], log_path: Path | None = None, **overrides: object) -> None:
-    """Run ``python -m monai.bundle run`` on the merged configs with ``--key value`` overrides, as a user would.
-
-    With ``log_path`` the output goes to that file, and a failure raises with the file named and its last lines.
-    """
-    files = [str(CONFIGS / name) for name in config_names]
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(files)]
-    for key, value in overrides.items():
-        command += [f"--{key}", repr(value) if isinstance(value, list) else str(value)]
-    if log_path is None:
-        subprocess.run(command, check=True, cwd=BUNDLE_ROOT)
-        return
-    with open(log_path, "w") as log:
-        completed = subprocess.run(command, cwd=BUNDLE_ROOT, stdout=log, stderr=subprocess.STDOUT)
-    if completed.returncode != 0:
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-20:])
-        raise RuntimeError(f"monai.bundle run failed (exit {completed.returncode}); log: {log_path}\n{tail}")
-
-
-def read_case_dice(csv_path: Path) -> dict[str, list[float]]:
-    """Per-case values of each foreground class from a MetricsSaver ``*_raw.csv`` (Dice, HD95, ...)."""
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    classes = [c for c in rows[0] if c not in ("filename", "mean")]
-    return {Path(r["filename"]).name.split(".")[0]: [float(r[c]) for c in classes] for r in rows}
-
-
-def nanmean(values: Sequence[float]) -> float:
-    """Mean of the finite values (an empty prediction gives NaN Dice or infinite HD95); NaN if there are none."""
-    finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else math.nan
-
-
-def class_names(dataset_dir: Path) -> list[str]:
-    """Names of the foreground classes in the order of the label values, from the dataset's datalist."""
-    labels = json.loads((dataset_dir / "datalist.json").read_text())["labels"]
-    return [labels[value] for value in sorted(labels, key=int) if value != "0"]
-
-
 def _batch_size() -> int:
+    """The training batch size of ``configs/train.json``, which every method keeps."""
     return int(json.loads((CONFIGS / "train.json").read_text())["batch_size"])
 
 
 def _updates_per_epoch(num_cases: int) -> int:
+    """Optimiser updates per epoch over ``num_cases`` cases (the last batch may be short)."""
     return math.ceil(num_cases / _batch_size())
 
 
@@ -224,12 +167,18 @@ def bundle_overrides(mode: Mode, setting_name: str, dataset_dir: Path, run_dir: 
 def train_and_evaluate(
     method: Method, dataset_dir: Path, run_dir: Path, mode: Mode, setting_name: str, seed: int, log_path: Path
 ) -> dict[str, Any]:
-    """Train one method with ``python -m monai.bundle run``, evaluate it on the test split and score its training labels."""
+    """Train one method with ``python -m monai.bundle run``, evaluate it on the test split and score its training
+    labels."""
     epochs, val_interval = mode.epochs, mode.val_interval
     if method.meta_set_only:
         factor = _updates_per_epoch(mode.cases[0]) / _updates_per_epoch(mode.cases[1])
         epochs, val_interval = max(1, round(epochs * factor)), max(1, round(val_interval * factor))
-    overrides = {**bundle_overrides(mode, setting_name, dataset_dir, run_dir), "seed": seed, "epochs": epochs, "val_interval": val_interval}
+    overrides = {
+        **bundle_overrides(mode, setting_name, dataset_dir, run_dir),
+        "seed": seed,
+        "epochs": epochs,
+        "val_interval": val_interval,
+    }
     configs = [str(CONFIGS / name) for name in method.configs]
     start = time.time()
     bundle_run(method.configs, log_path=log_path, **overrides)
@@ -245,9 +194,12 @@ def train_and_evaluate(
     hd95 = read_case_dice(run_dir / "val_hd95_raw.csv")
     models = load_trained(configs, overrides, with_meta_network=method.meta_network)
     detection = detection_summary(list(score_cases(models)))
+    per_class = {
+        f"dice_{name}": nanmean([v[i] for v in dice.values()]) for i, name in enumerate(class_names(dataset_dir))
+    }
     return {
         "dice": nanmean([nanmean(v) for v in dice.values()]),
-        **{f"dice_{name}": nanmean([v[i] for v in dice.values()]) for i, name in enumerate(class_names(dataset_dir))},
+        **per_class,
         "hd95": nanmean([nanmean(v) for v in hd95.values()]),
         "epochs": epochs,
         "train_seconds": round(train_seconds, 1),
@@ -353,9 +305,12 @@ def run_benchmark(mode: Mode, out_dir: Path) -> list[dict[str, Any]]:
                     result, status = saved[run_dir], "reused"
                 else:
                     run_dir.mkdir(parents=True, exist_ok=True)
-                    result = train_and_evaluate(METHODS[method_name], datalist.parent, run_dir, mode, setting_name, seed, run_dir / "bundle.log")
+                    method = METHODS[method_name]
+                    log_path = run_dir / "bundle.log"
+                    result = train_and_evaluate(method, datalist.parent, run_dir, mode, setting_name, seed, log_path)
                     spec = run_spec(mode, setting_name, seed, method_name)
-                    (run_dir / "result.json").write_text(json.dumps({"spec": spec, "result": result}, indent=2) + "\n")
+                    # atomic: an interrupted write never leaves a result.json that a later invocation would trust
+                    write_json({"spec": spec, "result": result}, run_dir / "result.json", indent=2)
                     status = f"{result['train_seconds']:.0f} s training"
                 rows.append(
                     {
@@ -377,178 +332,14 @@ def run_benchmark(mode: Mode, out_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """One row per run; settings with other classes leave the per-class Dice columns of the rest empty."""
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    finite = [v for v in values if math.isfinite(v)]
-    if not finite:
-        return math.nan, math.nan
-    return float(np.mean(finite)), float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
-
-
-def _fmt(value: float, digits: int = 3) -> str:
-    return "n/a" if not math.isfinite(value) else f"{value:.{digits}f}"
-
-
-def _fmt_mean_std(values: Sequence[float], digits: int = 3) -> str:
-    mean, std = _mean_std(values)
-    return "n/a" if not math.isfinite(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def summarise(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    """Per (setting, method): the runs' values by column, the seed-mean Dice and the gap closed."""
-    groups: dict[tuple[str, str], dict[str, Any]] = {}
-    for row in rows:
-        group = groups.setdefault((row["setting"], row["method"]), {"rows": []})
-        group["rows"].append(row)
-    for (setting, method), group in groups.items():
-        group["dice"] = _mean_std([r["dice"] for r in group["rows"]])[0]
-    for (setting, method), group in groups.items():
-        plain, clean = groups.get((setting, "plain")), groups.get((setting, "clean"))
-        gap = math.nan
-        if plain and clean and clean["dice"] - plain["dice"] > 0:
-            gap = (group["dice"] - plain["dice"]) / (clean["dice"] - plain["dice"])
-        group["gap_closed"] = gap
-        group["vs_plain"] = group["dice"] - plain["dice"] if plain else math.nan
-    return groups
-
-
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """One block per setting: Dice, HD95, gap closed and corruption detection of every method, mean ± std over seeds."""
-    groups = summarise(rows)
-    header = (
-        "| setting | method | seeds | Dice | Dice per class | HD95 (mm) | Δ Dice vs plain | gap closed "
-        "| AUROC 1−w | AUROC loss | w corrupted | w unchanged |"
-    )
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for (setting, method), group in groups.items():
-        runs = group["rows"]
-        first = runs[0]
-
-        def values(key: str) -> list[float]:
-            return [r[key] for r in runs]
-
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    f"{setting} ({first['setting_label']}, {100 * _mean_std(values('changed_fraction'))[0]:.0f}% changed)",
-                    METHODS[method].label if method in METHODS else method,
-                    str(len(runs)),
-                    _fmt_mean_std(values("dice")),
-                    ", ".join(f"{key[5:]} {_fmt_mean_std(values(key))}" for key in first if key.startswith("dice_")),
-                    _fmt_mean_std(values("hd95"), 2),
-                    "" if method in ("plain", "clean") else f"{group['vs_plain']:+.3f}",
-                    "" if method in ("plain", "clean") else _fmt(group["gap_closed"], 2),
-                    _fmt_mean_std(values("auroc_weight")),
-                    _fmt_mean_std(values("auroc_loss")),
-                    _fmt_mean_std(values("weight_corrupted")),
-                    _fmt_mean_std(values("weight_unchanged")),
-                ]
-            )
-            + " |"
-        )
-    return "\n".join(lines)
-
-
-def target_checks(rows: Sequence[dict[str, Any]], noisy: str = "ed_a0.5", noise_free: str = "ed_a0") -> list[str]:
-    """The issue's targets, each with the measured value and whether it is met (only where both settings ran)."""
-    groups = summarise(rows)
-    checks = []
-    if (noisy, "mcpm") in groups:
-        mcpm = groups[(noisy, "mcpm")]
-        gap = mcpm["gap_closed"]
-        checks.append(f"{noisy}: MCPM closes {_fmt(gap, 2)} of the gap to clean labels (target ≥ 0.5): {_met(gap >= 0.5)}")
-        others = {m: g["dice"] for (s, m), g in groups.items() if s == noisy and m not in ("mcpm", "clean")}
-        if others:
-            best = max(others, key=others.get)
-            checks.append(
-                f"{noisy}: MCPM Dice {mcpm['dice']:.3f} against the best other baseline, {METHODS[best].label} "
-                f"{others[best]:.3f} (target: MCPM higher): {_met(mcpm['dice'] > others[best])}"
-            )
-        auroc = _mean_std([r["auroc_weight"] for r in mcpm["rows"]])[0]
-        checks.append(f"{noisy}: AUROC of 1 − weight {_fmt(auroc)} (target ≥ 0.85): {_met(auroc >= 0.85)}")
-    if (noise_free, "mcpm") in groups and (noise_free, "plain") in groups:
-        delta = groups[(noise_free, "mcpm")]["vs_plain"]
-        checks.append(f"{noise_free}: MCPM − plain Dice {delta:+.4f} (target ≥ −0.0100): {_met(delta >= -0.01)}")
-    return checks
-
-
-def _met(condition: bool) -> str:
-    return "met" if condition else "**not met**"
-
-
-def plot_dice_vs_noise(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Mean ± std Dice against the measured share of changed foreground voxels, one panel per noise family."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    families = list(dict.fromkeys(r["family"] for r in rows))
-    widths = [max(1.5, len({r["setting"] for r in rows if r["family"] == f})) for f in families]
-    fig, axes = plt.subplots(1, len(families), figsize=(3 + 1.5 * sum(widths), 4.5), sharey=True, squeeze=False, width_ratios=widths)
-    for ax, family in zip(axes[0], families):
-        settings = list(dict.fromkeys(r["setting"] for r in rows if r["family"] == family))
-        for method in dict.fromkeys(r["method"] for r in rows):
-            points = []
-            for setting in settings:
-                runs = [r for r in rows if r["setting"] == setting and r["method"] == method]
-                if runs:
-                    x = 100 * float(np.mean([r["changed_fraction"] for r in runs]))
-                    points.append((x, *_mean_std([r["dice"] for r in runs])))
-            if points:
-                x, mean, std = map(np.array, zip(*sorted(points)))
-                ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=METHODS[method].label if method in METHODS else method)
-        ax.set_title(family.replace(" (", "\n("), fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("mean Dice on clean test labels (± std over seeds)")
-    fig.supxlabel("changed voxels, % of the clean training foreground", fontsize=9)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-
-
-def plot_weight_maps(scores: Sequence[CaseScore], clean_labels: dict[str, np.ndarray], path: Path, title: str) -> None:
-    """Image | clean label | corrupted label (changed voxels outlined) | MCPM weight, on the slice with most changes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(scores), 4, figsize=(12, 3 * len(scores)), squeeze=False)
-    for row, case in zip(axes, scores):
-        z = int(np.argmax(case.corruption_mask.sum(axis=(0, 1)))) if case.corruption_mask.any() else case.label.shape[2] // 2
-        panels = [
-            (case.image[..., z], "gray", None, "image"),
-            (clean_labels[case.name][..., z], "viridis", (0, 2), "clean label"),
-            (case.label[..., z], "viridis", (0, 2), "corrupted label (changed outlined)"),
-            (case.weight[..., z], "magma", (0, 1), "MCPM weight"),
-        ]
-        for ax, (image, cmap, limits, name) in zip(row, panels):
-            shown = ax.imshow(image.T, cmap=cmap, origin="lower", **({} if limits is None else {"vmin": limits[0], "vmax": limits[1]}))
-            ax.set_title(f"{case.name} z={z}: {name}", fontsize=8)
-            ax.axis("off")
-        row[2].contour(case.corruption_mask[..., z].T, levels=[0.5], colors="red", linewidths=0.8)
-        fig.colorbar(shown, ax=row[3], fraction=0.046)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def weight_figure_setting(mode: Mode) -> str | None:
     """The setting drawn in weight_maps.png: erosion/dilation at alpha = 0.5, else the first corrupted one."""
     corrupted = [name for name, setting in mode.settings.items() if setting.alpha > 0]
-    preferred = [n for n in corrupted if mode.settings[n].alpha == 0.5 and mode.settings[n].family == "erosion/dilation"]
+    preferred = [
+        name
+        for name in corrupted
+        if mode.settings[name].alpha == 0.5 and mode.settings[name].family == "erosion/dilation"
+    ]
     return (preferred or corrupted or [None])[0]
 
 
@@ -562,54 +353,24 @@ def weight_map_figure(mode: Mode, out_dir: Path, setting_name: str, seed: int, n
     models = load_trained([str(CONFIGS / "train.json")], overrides)
     scores = sorted(score_cases(models), key=lambda c: int(c.corruption_mask.sum()), reverse=True)[:num_cases]
     preprocessing = models.parser.get_parsed_content("validate#preprocessing")
-    entries = {Path(e["label"]).name.split(".")[0]: e for e in json.loads((dataset_dir / "datalist.json").read_text())["training"]}
-    clean = {
-        case.name: np.asarray(
-            preprocessing({"image": str(dataset_dir / entries[case.name]["image"]), "label": str(dataset_dir / entries[case.name]["clean_label"])})["label"][0]
-        )
-        for case in scores
-    }
+    training = json.loads((dataset_dir / "datalist.json").read_text())["training"]
+    entries = {Path(e["label"]).name.split(".")[0]: e for e in training}
+    clean = {}
+    for case in scores:
+        files = {"image": entries[case.name]["image"], "label": entries[case.name]["clean_label"]}
+        clean[case.name] = np.asarray(preprocessing({k: str(dataset_dir / v) for k, v in files.items()})["label"][0])
     path = out_dir / "weight_maps.png"
-    plot_weight_maps(scores, clean, path, f"MCPM weights after training: {setting_name} ({mode.settings[setting_name].label}), seed {seed}")
+    title = f"MCPM weights after training: {setting_name} ({mode.settings[setting_name].label}), seed {seed}"
+    plot_weight_maps(scores, clean, path, title)
     return path
 
 
-def machine_description() -> str:
-    """The machine a benchmark ran on, for its report."""
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU"
-
-
-def write_report(mode_name: str, mode: Mode, rows: Sequence[dict[str, Any]], out_dir: Path, command: str, seconds: float) -> Path:
-    """Write results.md: how it was run, the table and the targets."""
-    figure_setting = weight_figure_setting(mode)
-    lines = [
-        f"# MCPM benchmark, {mode_name} mode",
-        "",
-        f"- command: `{command}`",
-        f"- machine: {machine_description()}; torch {torch.__version__}",
-        f"- duration of this invocation: {seconds / 60:.1f} min (runs reused from an earlier invocation count zero)",
-        f"- volumes {'x'.join(map(str, mode.shape))}, cases (training, meta, validation, test) = {mode.cases}, "
-        f"{mode.epochs} epochs (meta set only: scaled to the same number of updates), seeds {list(mode.seeds)}",
-        "",
-        "Dice and HD95 on the clean test labels, mean ± std over seeds. Gap closed = (Dice − Dice_plain) / "
-        "(Dice_clean − Dice_plain), from the seed means. AUROC 1−w: how well one minus the MCPM weight singles out "
-        "the corrupted training voxels; AUROC loss: the same for the trained network's per-voxel loss (the "
-        "small-loss criterion); both scored after training with the saved networks.",
-        "",
-        markdown_table(rows),
-        "",
-        "## Targets",
-        "",
-        *[f"- {check}" for check in target_checks(rows)],
-        "",
-        "Figures: `dice_vs_noise.png`" + (f", `weight_maps.png` ({figure_setting}, seed {mode.seeds[0]})" if figure_setting else ""),
-        "",
-    ]
-    path = out_dir / "results.md"
-    path.write_text("\n".join(lines))
-    return path
+def describe_mode(mode: Mode) -> str:
+    """One line of the report: volumes, cases, epochs and seeds of ``mode``."""
+    return (
+        f"volumes {'x'.join(map(str, mode.shape))}, cases (training, meta, validation, test) = {mode.cases}, "
+        f"{mode.epochs} epochs (meta set only: scaled to the same number of updates), seeds {list(mode.seeds)}"
+    )
 
 
 def _parse_override(parser: argparse.ArgumentParser, text: str) -> tuple[str, Any]:
@@ -634,7 +395,12 @@ def parse_mode(argv: Sequence[str] | None) -> tuple[str, Mode, Path]:
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--val_interval", type=int)
     parser.add_argument("--warmup_epochs", type=int)
-    parser.add_argument("--shape", type=int, nargs=3, help="volume and patch size of the synthetic settings (lidc_readers keeps its own 32x32x16)")
+    parser.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        help="volume and patch size of the synthetic settings (lidc_readers keeps its own 32x32x16)",
+    )
     parser.add_argument("--cases", type=int, nargs=4, metavar=("TRAIN", "META", "VAL", "TEST"))
     parser.add_argument(
         "--override",
@@ -657,7 +423,7 @@ def parse_mode(argv: Sequence[str] | None) -> tuple[str, Mode, Path]:
         "epochs": args.epochs,
         "val_interval": args.val_interval,
         "warmup_epochs": args.warmup_epochs,
-        "extra": {**mode.extra, **dict(_parse_override(parser, text) for text in args.override)} if args.override else None,
+        "extra": {**mode.extra, **dict(_parse_override(parser, t) for t in args.override)} if args.override else None,
     }
     mode = replace(mode, **{k: v for k, v in changes.items() if v is not None})
     return args.mode, mode, args.out_dir or BUNDLE_ROOT / "runs" / f"benchmark_{args.mode}"
@@ -671,11 +437,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
     rows = run_benchmark(mode, out_dir)
     write_csv(rows, out_dir / "results.csv")
     plot_dice_vs_noise(rows, out_dir / "dice_vs_noise.png")
-    figure_setting = weight_figure_setting(mode)
-    if figure_setting and "mcpm" in mode.methods:
-        weight_map_figure(mode, out_dir, figure_setting, mode.seeds[0])
+    figure_setting, weight_maps = weight_figure_setting(mode), None
+    if figure_setting and "mcpm" in mode.methods and weight_map_figure(mode, out_dir, figure_setting, mode.seeds[0]):
+        weight_maps = f"{figure_setting}, seed {mode.seeds[0]}"
     command = "python -m scripts.experiments.benchmark " + " ".join(sys.argv[1:] if argv is None else argv)
-    report = write_report(mode_name, mode, rows, out_dir, command.strip(), time.time() - start)
+    seconds = time.time() - start
+    report = write_report(
+        out_dir / "results.md", mode_name, rows, command.strip(), seconds, describe_mode(mode), weight_maps
+    )
     print("\n" + report.read_text())
     return report
 

@@ -10,17 +10,17 @@ Each step runs the bundle's own configs through ``python -m monai.bundle run``, 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
 
-from scripts.experiments.benchmark import METHODS as BENCHMARK_METHODS
-from scripts.experiments.benchmark import BUNDLE_ROOT, bundle_run, nanmean, read_case_dice
 from scripts.data.synthetic import generate_dataset
+from scripts.experiments.methods import BUNDLE_ROOT, METHODS, bundle_run, class_names, read_case_dice
+from scripts.utils import nanmean
 
+# the column name of each method this demo runs, and its name in scripts.experiments.methods.METHODS;
 # plain training on the clean versions of the same training cases is the upper bound MCPM aims for
-METHODS = {"MCPM": "mcpm", "plain": "plain", "clean": "clean"}
+DEMO_METHODS = {"MCPM": "mcpm", "plain": "plain", "clean": "clean"}
 
 
 def results_table(results: dict[str, dict[str, list[float]]], class_names: list[str]) -> str:
@@ -44,6 +44,7 @@ def results_table(results: dict[str, dict[str, list[float]]], class_names: list[
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Generate the default data if absent, train and evaluate each method, print and write the Dice table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset_dir", type=Path, default=BUNDLE_ROOT / "data" / "default")
     parser.add_argument("--work_dir", type=Path, default=BUNDLE_ROOT / "runs" / "demo")
@@ -55,10 +56,15 @@ def main(argv: list[str] | None = None) -> None:
     datalist = generate_dataset(args.dataset_dir, seed=args.seed)
     print(f"dataset: {datalist}", flush=True)
     results = {}
-    for method, name in METHODS.items():
-        configs = BENCHMARK_METHODS[name].configs
+    for method, name in DEMO_METHODS.items():
+        configs = METHODS[name].configs
         out = (args.work_dir / method).resolve()
-        overrides = {"bundle_root": BUNDLE_ROOT, "dataset_dir": args.dataset_dir.resolve(), "ckpt_dir": out / "models", "output_dir": out}
+        overrides = {
+            "bundle_root": BUNDLE_ROOT,
+            "dataset_dir": args.dataset_dir.resolve(),
+            "ckpt_dir": out / "models",
+            "output_dir": out,
+        }
         if args.epochs is not None:
             overrides["epochs"] = args.epochs
         print(f"\n=== training with {method} ({time.time() - start:.0f} s) ===", flush=True)
@@ -67,8 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         bundle_run([*configs, "evaluate.json"], **overrides)
         results[method] = read_case_dice(out / "val_mean_dice_raw.csv")
 
-    labels = json.loads(datalist.read_text())["labels"]
-    table = results_table(results, class_names=[labels[k] for k in sorted(labels, key=int) if k != "0"])
+    table = results_table(results, class_names=class_names(datalist.parent))
     summary = f"Dice on the clean test labels ({time.time() - start:.0f} s in all):\n\n{table}\n"
     (args.work_dir / "results.md").write_text(summary)
     print("\n" + summary)

@@ -11,9 +11,10 @@ per iteration after warm-up, and their ratio to plain training (the mean amortis
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
-from collections.abc import Callable
+from typing import Any
 
 import torch
 from monai.engines import SupervisedTrainer
@@ -23,7 +24,8 @@ from scripts.losses import VoxelCrossEntropyLoss
 from scripts.meta_net import MetaMaskNet
 from scripts.trainer import MCPMTrainer
 
-VARIANTS = {
+# the MCPMTrainer options of each variant; "plain" is MONAI's SupervisedTrainer, the reference of every ratio
+VARIANTS: dict[str, dict[str, Any]] = {
     "plain": {},
     "mcpm second_order": {"meta_gradient": "second_order"},
     "mcpm jvp": {"meta_gradient": "jvp"},
@@ -33,30 +35,41 @@ VARIANTS = {
 }
 
 
-def build_trainer(variant: dict, args: argparse.Namespace, batch: dict, device: torch.device, amp: bool):
+def build_trainer(
+    variant: dict[str, Any], args: argparse.Namespace, batch: dict[str, torch.Tensor], device: torch.device, amp: bool
+) -> SupervisedTrainer:
     """A fresh network and trainer for one variant (same initial weights for every variant)."""
     torch.manual_seed(0)
     strides = [2] * (len(args.channels) - 1)
-    network = UNet(3, 1, args.classes, channels=args.channels, strides=strides, num_res_units=args.res_units, norm=args.norm)
-    network = network.to(device)
+    network = UNet(
+        3, 1, args.classes, channels=args.channels, strides=strides, num_res_units=args.res_units, norm=args.norm
+    ).to(device)
     common = dict(
-        device=device, max_epochs=1, train_data_loader=[batch], network=network,
-        optimizer=torch.optim.Adam(network.parameters(), 1e-3), loss_function=VoxelCrossEntropyLoss(reduction="none"),
-        amp=amp, amp_kwargs={"dtype": torch.bfloat16} if amp else None,
+        device=device,
+        max_epochs=1,
+        train_data_loader=[batch],
+        network=network,
+        optimizer=torch.optim.Adam(network.parameters(), 1e-3),
+        loss_function=VoxelCrossEntropyLoss(reduction="none"),
+        amp=amp,
+        amp_kwargs={"dtype": torch.bfloat16} if amp else None,
     )
     if not variant:
         return SupervisedTrainer(**common)
     meta_network = MetaMaskNet().to(device)
     return MCPMTrainer(
-        **common, meta_data_loader=[batch], meta_network=meta_network,
-        meta_optimizer=torch.optim.Adam(meta_network.parameters(), 1e-3), **variant,
+        **common,
+        meta_data_loader=[batch],
+        meta_network=meta_network,
+        meta_optimizer=torch.optim.Adam(meta_network.parameters(), 1e-3),
+        **variant,
     )
 
 
 class IterationTimer:
     """Times the real iterations of one trainer, a chunk at a time, so that variants can be interleaved."""
 
-    def __init__(self, trainer, batch: dict, device: torch.device) -> None:
+    def __init__(self, trainer: SupervisedTrainer, batch: dict[str, torch.Tensor], device: torch.device) -> None:
         self.trainer, self.batch, self.device = trainer, batch, device
         self.times: list[float] = []
         self.peak_gib = float("nan")
@@ -65,10 +78,12 @@ class IterationTimer:
             trainer._start_epoch(trainer)
 
     def _sync(self) -> None:
+        """Wait for the device, so that a time covers the iteration's kernels and not only their launch."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     def run(self, iterations: int, record: bool = True) -> None:
+        """Run ``iterations`` real iterations; with ``record``, keep their times and the peak memory."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         for _ in range(iterations):
@@ -81,10 +96,11 @@ class IterationTimer:
                 self.times.append(time.perf_counter() - start)
         if record and self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device) / 2**30
-            self.peak_gib = peak if self.peak_gib != self.peak_gib else max(self.peak_gib, peak)
+            self.peak_gib = peak if math.isnan(self.peak_gib) else max(self.peak_gib, peak)
 
 
 def main(argv: list[str] | None = None) -> str:
+    """Time every variant (interleaved rounds), print the Markdown table and return it."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--patch", type=int, default=48)
@@ -124,12 +140,19 @@ def main(argv: list[str] | None = None) -> str:
         for name, timer in timers.items():
             median, mean = statistics.median(timer.times), statistics.fmean(timer.times)
             ratio = mean / statistics.fmean(plain.times)
-            rows.append((name + (" (bf16)" if amp else ""), median * 1e3, mean * 1e3, ratio, timer.peak_gib, timer.peak_gib / plain.peak_gib))
+            peak_ratio = timer.peak_gib / plain.peak_gib
+            rows.append(
+                (name + (" (bf16)" if amp else ""), median * 1e3, mean * 1e3, ratio, timer.peak_gib, peak_ratio)
+            )
         del timers
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    header = f"{args.device}, patch {args.patch}³, batch {args.batch}, channels {args.channels}, {args.norm} norm, torch {torch.__version__}"
-    lines = [header, "", "| variant | median ms | mean ms | mean / plain | peak GiB | peak / plain |", "|---|---|---|---|---|---|"]
+    header = (
+        f"{args.device}, patch {args.patch}³, batch {args.batch}, channels {args.channels}, {args.norm} norm, "
+        f"torch {torch.__version__}"
+    )
+    columns = "| variant | median ms | mean ms | mean / plain | peak GiB | peak / plain |"
+    lines = [header, "", columns, "|---|---|---|---|---|---|"]
     for name, median, mean, ratio, peak, peak_ratio in rows:
         lines.append(f"| {name} | {median:.1f} | {mean:.1f} | {ratio:.2f}× | {peak:.2f} | {peak_ratio:.2f}× |")
     table = "\n".join(lines)

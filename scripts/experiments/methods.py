@@ -1,0 +1,79 @@
+"""The training methods the experiments compare, and how each is run: through ``python -m monai.bundle run`` on
+the bundle's own configs, as a user would.
+
+:py:data:`METHODS` is the only record of which config override files stack on ``configs/train.json`` for each
+method; :py:mod:`scripts.experiments.benchmark`, :py:mod:`scripts.experiments.report` and
+:py:mod:`scripts.experiments.demo` all read it from here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["BUNDLE_ROOT", "CONFIGS", "METHODS", "Method", "bundle_run", "class_names", "read_case_dice"]
+
+# scripts/experiments/methods.py -> the bundle root, which holds configs/
+BUNDLE_ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = BUNDLE_ROOT / "configs"
+
+
+@dataclass(frozen=True)
+class Method:
+    """A training method: the configs merged for it, and whether it learns a meta mask network."""
+
+    label: str
+    configs: tuple[str, ...]
+    meta_network: bool = False
+    # plain training on the meta set alone sees fewer cases per epoch; its epochs are scaled to the same updates
+    meta_set_only: bool = False
+
+
+METHODS: dict[str, Method] = {
+    "clean": Method("clean labels (upper bound)", ("train.json", "train_baseline.json", "train_clean_labels.json")),
+    "plain": Method("plain, noisy labels", ("train.json", "train_baseline.json")),
+    "small_loss": Method("small-loss truncation", ("train.json", "train_baseline.json", "train_small_loss.json")),
+    "l2rw": Method("pixel-wise L2RW", ("train.json", "train_l2rw.json")),
+    "meta_only": Method(
+        "meta set only", ("train.json", "train_baseline.json", "train_meta_only.json"), meta_set_only=True
+    ),
+    "mcpm": Method("MCPM", ("train.json",), meta_network=True),
+}
+
+
+def bundle_run(config_names: Sequence[str], log_path: Path | None = None, **overrides: object) -> None:
+    """Run ``python -m monai.bundle run`` on the merged configs with ``--key value`` overrides, as a user would.
+
+    With ``log_path`` the output goes to that file, and a failure raises with the file named and its last lines.
+    """
+    files = [str(CONFIGS / name) for name in config_names]
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(files)]
+    for key, value in overrides.items():
+        command += [f"--{key}", repr(value) if isinstance(value, list) else str(value)]
+    if log_path is None:
+        subprocess.run(command, check=True, cwd=BUNDLE_ROOT)
+        return
+    with open(log_path, "w") as log:
+        completed = subprocess.run(command, cwd=BUNDLE_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    if completed.returncode != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-20:])
+        raise RuntimeError(f"monai.bundle run failed (exit {completed.returncode}); log: {log_path}\n{tail}")
+
+
+def read_case_dice(csv_path: Path) -> dict[str, list[float]]:
+    """Per-case values of each foreground class from a MetricsSaver ``*_raw.csv`` (Dice, HD95, ...)."""
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    classes = [c for c in rows[0] if c not in ("filename", "mean")]
+    return {Path(r["filename"]).name.split(".")[0]: [float(r[c]) for c in classes] for r in rows}
+
+
+def class_names(dataset_dir: Path) -> list[str]:
+    """Names of the foreground classes in the order of the label values, from the dataset's datalist."""
+    labels = json.loads((dataset_dir / "datalist.json").read_text())["labels"]
+    return [labels[value] for value in sorted(labels, key=int) if value != "0"]
