@@ -9,8 +9,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ignite.distributed as idist
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
@@ -25,10 +25,17 @@ FINAL_NAME = "checkpoint_final.pt"
 def _numpy_state_to_tensors(state: tuple) -> dict[str, Any]:
     """A ``RandomState.get_state()`` tuple as tensors and numbers, loadable with ``weights_only=True``."""
     name, keys, pos, has_gauss, cached = state
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}
+    return {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
 
 
 def _numpy_state_from_tensors(state: Mapping[str, Any]) -> tuple:
+    """The ``RandomState.set_state()`` tuple of :py:func:`_numpy_state_to_tensors`'s dict."""
     return (state["name"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"], state["cached"])
 
 
@@ -42,7 +49,8 @@ class RNGState:
     """
 
     def __init__(self, transforms: Sequence[Compose] = ()) -> None:
-        self.transforms = [t for compose in transforms for t in compose.flatten().transforms if isinstance(t, Randomizable)]
+        flat = [t for compose in transforms for t in compose.flatten().transforms]
+        self.transforms = [t for t in flat if isinstance(t, Randomizable)]
 
     def state_dict(self) -> dict[str, Any]:
         python_version, python_state, python_gauss = random.getstate()
@@ -50,7 +58,11 @@ class RNGState:
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "numpy": _numpy_state_to_tensors(np.random.get_state()),
-            "python": {"version": python_version, "state": torch.tensor(python_state, dtype=torch.int64), "gauss": python_gauss},
+            "python": {
+                "version": python_version,
+                "state": torch.tensor(python_state, dtype=torch.int64),
+                "gauss": python_gauss,
+            },
             "transforms": [_numpy_state_to_tensors(t.R.get_state()) for t in self.transforms],
         }
 
@@ -66,7 +78,7 @@ class RNGState:
         np.random.set_state(_numpy_state_from_tensors(state["numpy"]))
         python = state["python"]
         random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
-        for transform, transform_state in zip(self.transforms, state["transforms"]):
+        for transform, transform_state in zip(self.transforms, state["transforms"], strict=True):
             transform.R.set_state(_numpy_state_from_tensors(transform_state))
 
 
@@ -75,8 +87,8 @@ class TrainingCheckpointer:
     ``checkpoint_epoch=N.pt``, keeping the newest ``n_saved``, and as ``checkpoint_final.pt`` at the end.
 
     A run killed at any moment leaves only complete checkpoints under these names. Entries that are None
-    (such as the AMP gradient scaler of a run without AMP) are left out; ``save_dict`` is what a
-    ``CheckpointLoader`` should load into.
+    (such as the AMP gradient scaler of a run without AMP, or the meta network and its optimizer, which the
+    baselines set to null) are left out; ``save_dict`` is what a ``CheckpointLoader`` should load into.
     """
 
     def __init__(self, save_dir: str, save_dict: dict, n_saved: int = 2, save_interval: int = 1) -> None:
@@ -103,7 +115,11 @@ class TrainingCheckpointer:
         ):
             engine.add_event_handler(event, checkpoint)
             if idist.get_rank() == 0:  # the rank that writes
-                engine.add_event_handler(event, lambda _, c=checkpoint: logger.info(f"saved checkpoint {Path(self.save_dir) / c.last_checkpoint}"))
+                engine.add_event_handler(event, lambda _, c=checkpoint: self._log_saved(c))
+
+    def _log_saved(self, checkpoint: Checkpoint) -> None:
+        """Log the path of the file ``checkpoint`` has just written."""
+        logger.info(f"saved checkpoint {Path(self.save_dir) / checkpoint.last_checkpoint}")
 
 
 def _saved_epoch(checkpoint: Mapping[str, Any]) -> int | None:
@@ -118,7 +134,10 @@ def _check_epochs_left(path: Path, checkpoint: Mapping[str, Any], max_epochs: in
     epoch = _saved_epoch(checkpoint)
     if max_epochs is not None and epoch is not None and epoch >= max_epochs:
         # ignite would silently start the whole schedule again from epoch 1
-        raise ValueError(f"{path} was saved at epoch {epoch}, and epochs is {max_epochs}: nothing is left to train; raise --epochs to train longer.")
+        raise ValueError(
+            f"{path} was saved at epoch {epoch}, and epochs is {max_epochs}: nothing is left to train; raise --epochs "
+            "to train longer."
+        )
 
 
 def resolve_resume_path(resume_from: str, ckpt_dir: str, max_epochs: int | None = None) -> str:
@@ -137,7 +156,7 @@ def resolve_resume_path(resume_from: str, ckpt_dir: str, max_epochs: int | None 
         return resume_from
     folder = Path(ckpt_dir)
     candidates = sorted(
-        [p for p in folder.glob("checkpoint_epoch=*.pt")] + [p for p in [folder / FINAL_NAME] if p.is_file()],
+        list(folder.glob("checkpoint_epoch=*.pt")) + [p for p in [folder / FINAL_NAME] if p.is_file()],
         key=lambda p: p.stat().st_mtime_ns,
         reverse=True,
     )
@@ -150,4 +169,5 @@ def resolve_resume_path(resume_from: str, ckpt_dir: str, max_epochs: int | None 
         _check_epochs_left(path, checkpoint, max_epochs)
         logger.info(f"resuming from {path}")
         return str(path)
-    raise FileNotFoundError(f"resume_from='latest': no readable checkpoint in {folder} (looked at {[p.name for p in candidates]}).")
+    names = [p.name for p in candidates]
+    raise FileNotFoundError(f"resume_from='latest': no readable checkpoint in {folder} (looked at {names}).")

@@ -3,7 +3,8 @@ Check a Decathlon-style datalist and every file it references before training st
 
 A training run that silently learns from a misaligned label, or stops after hours on a missing file, costs far
 more than reading all headers up front. :py:func:`validate_datalist` collects every problem it finds and raises
-them together in one :py:class:`DatalistError`, one problem per line.
+them together in one :py:class:`DatalistError`, one problem per line. :py:func:`check_training_config` does the
+same for the training settings of ``configs/train.json`` (one :py:class:`ConfigError`).
 
 Usage from the bundle root::
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import inspect
 import json
 import logging
 import os
@@ -27,11 +27,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-__all__ = ["DatalistError", "check_before_training", "validate_datalist"]
+from scripts.options import option_problems
+from scripts.utils import SPLITS, number_problem
+
+__all__ = ["ConfigError", "DatalistError", "check_before_training", "check_training_config", "validate_datalist"]
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("training", "meta", "validation", "test")
 FILE_KEYS = ("image", "label", "clean_label", "corruption_mask")
 LABEL_KEYS = ("label", "clean_label")
 WARNING = "warning: "
@@ -226,7 +228,7 @@ def _entry_paths(where: str, entry: object, label_required: bool) -> tuple[dict[
     if not isinstance(entry, dict):
         return {}, [f"{where}: entry is {_json(entry)}, expected an object with an 'image' file"]
     required = ("image", "label") if label_required else ("image",)
-    problems = [f"{where}: no '{key}' file" for key in required if key not in entry]
+    problems = [f"{where}: no {key!r} file" for key in required if key not in entry]
     paths = {}
     for key in FILE_KEYS:
         if key not in entry:
@@ -234,7 +236,7 @@ def _entry_paths(where: str, entry: object, label_required: bool) -> tuple[dict[
         if isinstance(entry[key], str) and entry[key].strip():
             paths[key] = entry[key]
         else:
-            problems.append(f"{where}: '{key}' is {_json(entry[key])}, expected a file path")
+            problems.append(f"{where}: {key!r} is {_json(entry[key])}, expected a file path")
     return paths, problems
 
 
@@ -251,12 +253,12 @@ def _split_entries(content: dict, split: str, required: bool) -> tuple[list | No
     """
     need = REQUIRED_BECAUSE.get(split, f"at least one {split} case is needed")
     if split not in content:
-        return None, [f"split '{split}' is missing: {need}"] if required else []
+        return None, [f"split {split!r} is missing: {need}"] if required else []
     entries = content[split]
     if not isinstance(entries, list):
-        return None, [f"split '{split}' is {_json(entries)}, expected a list of cases"]
+        return None, [f"split {split!r} is {_json(entries)}, expected a list of cases"]
     if required and not entries:
-        return entries, [f"split '{split}' is empty: {need}"]
+        return entries, [f"split {split!r} is empty: {need}"]
     if split == "test" and entries and not isinstance(entries[0], dict):
         entries = [{"image": entry} for entry in entries]
     return entries, []
@@ -387,17 +389,6 @@ class ConfigError(ValueError):
         self.problems = problems
 
 
-MCPM_EXTRA_KEYS = ("meta_learning_rate", "meta_batch_size", "virtual_step_params")
-
-
-def _positive_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-
-
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 def _output_dir_problem(name: str, folder: str | Path, min_free_mb: float) -> str | None:
     """Whether ``folder`` (or its nearest existing parent, as it may not exist yet) is writable with room."""
     existing = Path(folder).absolute()
@@ -411,6 +402,11 @@ def _output_dir_problem(name: str, folder: str | Path, min_free_mb: float) -> st
     if free_mb < min_free_mb:
         return f"{name} {folder}: only {free_mb:.0f} MB free on its disk, need at least {min_free_mb:.0f} MB"
     return None
+
+
+def _is_integer(value: object, low: int) -> bool:
+    """Whether ``value`` is an integer of at least ``low``, as :py:func:`scripts.utils.number_problem` checks."""
+    return number_problem("value", value, low, integer=True) is None
 
 
 def check_training_config(
@@ -427,40 +423,45 @@ def check_training_config(
 ) -> None:
     """Check the training settings of ``configs/train.json`` before anything runs, all at once.
 
-    ``mcpm`` is the config's ``mcpm`` section (an unknown key there is reported: it is most likely a typo);
-    ``output_dirs`` maps config keys to folders that must be writable, with ``min_free_mb`` free.
-    Raises :py:class:`ConfigError` listing every problem.
+    ``mcpm`` is the config's ``mcpm`` section, checked against the options of ``scripts/options.py`` (an unknown
+    key there is reported: it is most likely a typo); ``output_dirs`` maps config keys to folders that must be
+    writable, with ``min_free_mb`` free. Raises :py:class:`ConfigError` listing every problem.
     """
-    from scripts.trainer import mcpm_option_problems  # deferred: it imports the training engines
-
-    problems = []
-    for name, value in (("learning_rate", learning_rate), ("mcpm#meta_learning_rate", (mcpm or {}).get("meta_learning_rate", 1.0))):
-        if not _positive_number(value):
-            problems.append(f"{name} must be a number > 0, got {value!r}")
-    for name, value in (("epochs", epochs), ("val_interval", val_interval), ("batch_size", batch_size), ("mcpm#meta_batch_size", (mcpm or {}).get("meta_batch_size", 1))):
-        if not _positive_int(value):
-            problems.append(f"{name} must be an integer >= 1, got {value!r}")
-    if _positive_int(epochs) and _positive_int(val_interval) and val_interval > epochs:
-        problems.append(f"val_interval ({val_interval}) is larger than epochs ({epochs}): no validation would run, so no model.pt would be saved")
+    epochs_problem = number_problem("epochs", epochs, 1, integer=True)
+    interval_problem = number_problem("val_interval", val_interval, 1, integer=True)
+    problems = [
+        number_problem("learning_rate", learning_rate, 0, low_open=True),
+        epochs_problem,
+        interval_problem,
+        number_problem("batch_size", batch_size, 1, integer=True),
+    ]
+    if not epochs_problem and not interval_problem and val_interval > epochs:
+        problems.append(
+            f"val_interval ({val_interval}) is larger than epochs ({epochs}): no validation would run, so no "
+            "model.pt would be saved"
+        )
     warmup = (mcpm or {}).get("warmup_epochs", 0)
-    if mcpm is not None and _positive_int(epochs) and isinstance(warmup, int) and warmup >= epochs:
-        problems.append(f"mcpm#warmup_epochs ({warmup}) is not below epochs ({epochs}): the meta-reweighting would never start")
-    if not (isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes >= 2):
-        problems.append(f"num_classes must be an integer >= 2 (background and at least one class), got {num_classes!r}")
+    if not epochs_problem and _is_integer(warmup, 0) and warmup >= epochs:
+        problems.append(
+            f"mcpm#warmup_epochs ({warmup}) is not below epochs ({epochs}): the meta-reweighting would never start"
+        )
+    classes_problem = number_problem("num_classes", num_classes, 2, integer=True)
+    if classes_problem:
+        problems.append(f"{classes_problem} (background and at least one class)")
     factor = int(np.prod(strides))
-    if not (isinstance(patch_size, Sequence) and len(patch_size) == 3 and all(_positive_int(p) and p % factor == 0 for p in patch_size)):
-        problems.append(f"patch_size must be 3 positive integers divisible by {factor} (the product of the network's strides), got {patch_size!r}")
+    if not (
+        isinstance(patch_size, Sequence)
+        and len(patch_size) == 3
+        and all(_is_integer(p, 1) and p % factor == 0 for p in patch_size)
+    ):
+        problems.append(
+            f"patch_size must be 3 positive integers divisible by {factor} (the product of the network's strides), "
+            f"got {patch_size!r}"
+        )
     if mcpm is not None:
-        options = {k: v for k, v in mcpm.items() if k not in MCPM_EXTRA_KEYS}
-        known = set(inspect.signature(mcpm_option_problems).parameters)
-        unknown = sorted(set(options) - known)
-        if unknown:
-            problems.append(f"mcpm has unknown keys {unknown}; known keys: {sorted(known | set(MCPM_EXTRA_KEYS))}")
-        problems += [f"mcpm#{p}" for p in mcpm_option_problems(**{k: v for k, v in options.items() if k in known})]
-    for name, folder in (output_dirs or {}).items():
-        problem = _output_dir_problem(name, folder, min_free_mb)
-        if problem:
-            problems.append(problem)
+        problems += option_problems(mcpm, section="mcpm")
+    problems += [_output_dir_problem(name, folder, min_free_mb) for name, folder in (output_dirs or {}).items()]
+    problems = [problem for problem in problems if problem]
     if problems:
         raise ConfigError(problems)
 

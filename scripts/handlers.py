@@ -38,7 +38,10 @@ class WeightMapImageHandler:
 
     def __call__(self, engine: Engine) -> None:
         output = engine.state.output
-        sample = output[0] if isinstance(output, list) else {k: v[0] for k, v in output.items() if torch.is_tensor(v) and v.dim() > 1}
+        if isinstance(output, list):  # decollated, one dict per case
+            sample = output[0]
+        else:
+            sample = {k: v[0] for k, v in output.items() if torch.is_tensor(v) and v.dim() > 1}
         if WEIGHT_KEY not in sample:
             return
         depth = sample["image"].shape[-1] // 2

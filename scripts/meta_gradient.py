@@ -16,15 +16,32 @@ real model change only in the real training step.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
-WEIGHT_NORMALISATIONS = ("sum", "mean", "none")
-META_GRADIENT_MODES = ("jvp", "second_order")
+from scripts.options import META_GRADIENT_MODES, WEIGHT_NORMALISATIONS
+
+LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Autocast = Callable[[], contextlib.AbstractContextManager]
+
+
+class Batch(NamedTuple):
+    """A batch as MONAI's ``prepare_batch`` returns it: the network input, the label and, when it returns four
+    values, the extra positional and keyword arguments of the network's forward (``Batch(*prepare_batch(...))``)."""
+
+    image: torch.Tensor
+    label: torch.Tensor
+    args: tuple = ()
+    kwargs: Mapping[str, Any] = MappingProxyType({})  # read-only, as the default is shared by every batch
+
+    def forward(self, network: nn.Module, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The network's output on this batch with ``params`` (parameters and buffers by name) in place of its own."""
+        return functional_call(network, dict(params), (self.image, *self.args), dict(self.kwargs))
 
 
 def normalise_weights(weights: torch.Tensor, normalisation: str, eps: float = 1e-8) -> torch.Tensor:
@@ -47,8 +64,9 @@ def virtual_step_parameters(module: nn.Module, prefixes: Sequence[str] | None = 
     """The parameters the virtual step moves: all that require gradients, or only those whose names start with
     one of ``prefixes`` (e.g. ``["model.2"]``, the last decoder stage of MONAI's ``UNet``).
 
-    Restricting the virtual step to late layers (as FaMUS does) makes the meta-gradient cheaper but no longer
-    that of MCPM: it is the exact meta-gradient of a virtual step that moves only those layers.
+    Restricting the virtual step to late layers (as FaMUS does, Xu et al., CVPR 2021, arXiv:2104.15092) makes the
+    meta-gradient cheaper but no longer that of MCPM: it is the exact meta-gradient of a virtual step that moves
+    only those layers.
     """
     params = {name: p for name, p in module.named_parameters() if p.requires_grad}
     if prefixes is None:
@@ -56,7 +74,10 @@ def virtual_step_parameters(module: nn.Module, prefixes: Sequence[str] | None = 
     unmatched = [prefix for prefix in prefixes if not any(name.startswith(prefix) for name in params)]
     if unmatched or not prefixes:
         top_level = sorted({".".join(name.split(".")[:2]) for name in params})
-        raise ValueError(f"virtual_step_params {list(prefixes)} must each match a parameter name; unmatched {unmatched}, names start with {top_level}.")
+        raise ValueError(
+            f"virtual_step_params {list(prefixes)} must each match a parameter name; unmatched {unmatched}, "
+            f"names start with {top_level}."
+        )
     return {name: p for name, p in params.items() if name.startswith(tuple(prefixes))}
 
 
@@ -73,34 +94,34 @@ class MetaGradient(NamedTuple):
 
 
 def compute_meta_gradient(
+    *,
     mode: str,
     network: nn.Module,
-    loss_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    image: torch.Tensor,
-    label: torch.Tensor,
+    loss_function: LossFunction,
+    batch: Batch,
     loss_map: torch.Tensor,
     meta_network: nn.Module,
     meta_input: torch.Tensor,
-    meta_image: torch.Tensor,
-    meta_label: torch.Tensor,
+    meta_batch: Batch,
     virtual_lr: float,
     normalisation: str = "sum",
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    autocast: Autocast = contextlib.nullcontext,
     virtual_step_params: Sequence[str] | None = None,
 ) -> MetaGradient:
-    """Compute ∇φ L_meta(θ̂(φ)) for the meta network's parameters φ.
+    """Compute ∇φ L_meta(θ̂(φ)) for the meta network's parameters φ. The arguments are keyword-only, as several
+    share a type (the training and the meta batch above all).
 
     Args:
         mode: ``"jvp"`` or ``"second_order"``.
         network: the segmentation network (unwrapped from DDP); its forward must be the one that made
-            ``loss_map`` from ``image`` (train mode, no dropout), so that the JVP is of the same function.
+            ``loss_map`` from ``batch`` (train mode, no dropout), so that the JVP is of the same function.
         loss_function: maps (logits, label) to the (B, *spatial) loss map.
-        image, label: the training batch.
+        batch: the training batch.
         loss_map: ℓ(θ) of the training batch, still attached to the network's graph; that graph is
             retained for the real training step.
         meta_network: g(φ), mapping ``meta_input`` to weights in (0, 1).
         meta_input: the detached input of the meta network.
-        meta_image, meta_label: a batch of the clean meta set.
+        meta_batch: a batch of the clean meta set.
         virtual_lr: α, the size of the virtual SGD step.
         normalisation: how weights become loss coefficients (see ``normalise_weights``).
         autocast: a factory of the autocast context for forward passes (a no-op by default).
@@ -113,64 +134,64 @@ def compute_meta_gradient(
     weights = normalise_weights(meta_network(meta_input), normalisation)
 
     if mode == "second_order":
-        grads = torch.autograd.grad((weights * loss_map).sum(), list(params.values()), create_graph=True, retain_graph=True)
-        virtual = {name: p - virtual_lr * g for (name, p), g in zip(params.items(), grads)}
-        meta_loss = meta_loss_with(network, loss_function, virtual, meta_image, meta_label, autocast)
+        weighted = (weights * loss_map).sum()
+        grads = torch.autograd.grad(weighted, list(params.values()), create_graph=True, retain_graph=True)
+        virtual = {name: p - virtual_lr * g for (name, p), g in zip(params.items(), grads, strict=True)}
+        meta_loss = meta_loss_with(network, loss_function, virtual, meta_batch, autocast)
         return MetaGradient(meta_loss.detach(), torch.autograd.grad(meta_loss, meta_params))
 
     grads = torch.autograd.grad((weights.detach() * loss_map).sum(), list(params.values()), retain_graph=True)
-    virtual = {name: (p.detach() - virtual_lr * g).requires_grad_() for (name, p), g in zip(params.items(), grads)}
-    meta_loss = meta_loss_with(network, loss_function, virtual, meta_image, meta_label, autocast)
+    virtual = {
+        name: (p.detach() - virtual_lr * g).requires_grad_() for (name, p), g in zip(params.items(), grads, strict=True)
+    }
+    meta_loss = meta_loss_with(network, loss_function, virtual, meta_batch, autocast)
     direction = torch.autograd.grad(meta_loss, list(virtual.values()))
-    sensitivity = loss_map_jvp(network, loss_function, image, label, params, direction, autocast)
+    sensitivity = loss_map_jvp(network, loss_function, batch, params, direction, autocast)
     surrogate = -virtual_lr * (weights * sensitivity.to(weights.dtype)).sum()
     return MetaGradient(meta_loss.detach(), torch.autograd.grad(surrogate, meta_params))
 
 
 def meta_loss_with(
     network: nn.Module,
-    loss_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_function: LossFunction,
     params: dict[str, torch.Tensor],
-    meta_image: torch.Tensor,
-    meta_label: torch.Tensor,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    meta_batch: Batch,
+    autocast: Autocast = contextlib.nullcontext,
 ) -> torch.Tensor:
     """The mean loss of the meta batch with ``params`` in place of the network's (the others as they are)."""
     with autocast():
-        logits = functional_call(network, (params, buffer_copies(network)), (meta_image,))
-        return loss_function(logits, meta_label).mean()
+        logits = meta_batch.forward(network, {**params, **buffer_copies(network)})
+        return loss_function(logits, meta_batch.label).mean()
 
 
 def loss_map_jvp(
     network: nn.Module,
-    loss_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    image: torch.Tensor,
-    label: torch.Tensor,
+    loss_function: LossFunction,
+    batch: Batch,
     params: dict[str, torch.Tensor],
     direction: Sequence[torch.Tensor],
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    autocast: Autocast = contextlib.nullcontext,
 ) -> torch.Tensor:
-    """s_i = ⟨direction, ∇θ ℓ_i(θ)⟩ for every voxel i: one forward-mode JVP of the loss map along ``direction``
-    (over ``params``; the other parameters enter as constants), detached."""
+    """s_i = ⟨direction, ∇θ ℓ_i(θ)⟩ for every voxel i of ``batch``: one forward-mode JVP of the loss map along
+    ``direction`` (over ``params``; the other parameters enter as constants), detached."""
     constants = {name: p.detach() for name, p in network.named_parameters() if name not in params}
     primals = {name: p.detach() for name, p in params.items()}
-    tangents = {name: d.to(p.dtype) for (name, p), d in zip(params.items(), direction)}
+    tangents = {name: d.to(p.dtype) for (name, p), d in zip(params.items(), direction, strict=True)}
 
     def loss_map_at(theta: dict[str, torch.Tensor]) -> torch.Tensor:
         with autocast():
-            return loss_function(functional_call(network, (theta, constants, buffer_copies(network)), (image,)), label)
+            logits = batch.forward(network, {**theta, **constants, **buffer_copies(network)})
+            return loss_function(logits, batch.label)
 
     return jvp(loss_map_at, (primals,), (tangents,))[1].detach()
 
 
 def l2rw_weights(
     network: nn.Module,
-    loss_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    image: torch.Tensor,
-    label: torch.Tensor,
-    meta_image: torch.Tensor,
-    meta_label: torch.Tensor,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    loss_function: LossFunction,
+    batch: Batch,
+    meta_batch: Batch,
+    autocast: Autocast = contextlib.nullcontext,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel-wise learning-to-reweight weights max(0, s_i), s_i = ⟨∇θ L_meta(θ), ∇θ ℓ_i(θ)⟩, and L_meta(θ).
 
@@ -178,6 +199,6 @@ def l2rw_weights(
     the negative gradient of the meta loss after a virtual step with loss coefficients ε, at ε = 0).
     """
     params = {name: p.detach().requires_grad_() for name, p in virtual_step_parameters(network).items()}
-    meta_loss = meta_loss_with(network, loss_function, params, meta_image, meta_label, autocast)
+    meta_loss = meta_loss_with(network, loss_function, params, meta_batch, autocast)
     direction = torch.autograd.grad(meta_loss, list(params.values()))
-    return meta_loss.detach(), loss_map_jvp(network, loss_function, image, label, params, direction, autocast).clamp_min(0)
+    return meta_loss.detach(), loss_map_jvp(network, loss_function, batch, params, direction, autocast).clamp_min(0)

@@ -1,12 +1,13 @@
 """Ignite trainers that re-weight every voxel's loss using a clean meta set.
 
-``MCPMTrainer``, Meta Corrupted Pixels Mining (Wang et al., MICCAI 2020). Each iteration: (1) the per-voxel
-loss map of the noisy batch; (2) weights from the meta mask network; (3) a virtual step of the segmentation
-network on the weighted loss; (4) a meta step of the meta network on a clean meta batch at the virtual
-parameters; (5) the real step with the updated weights.
+``MCPMTrainer``, Meta Corrupted Pixels Mining (Wang et al., MICCAI 2020, arXiv:2007.03538). Each iteration:
+(1) the per-voxel loss map of the noisy batch; (2) weights from the meta mask network; (3) a virtual step of the
+segmentation network on the weighted loss; (4) a meta step of the meta network on a clean meta batch at the
+virtual parameters; (5) the real step with the updated weights.
 
-``L2RWTrainer``, pixel-wise learning to reweight (Ren et al., ICML 2018, per pixel as Mirikharaji et al.,
-MIL3ID 2019): the weights are the meta-gradient itself, with no meta network; a baseline for MCPM.
+``L2RWTrainer``, pixel-wise learning to reweight (Ren et al., ICML 2018, arXiv:1803.09050; per pixel as
+Mirikharaji et al., MIL3ID 2019, arXiv:1906.03815): the weights are the meta-gradient itself, with no meta
+network; a baseline for MCPM.
 """
 
 from __future__ import annotations
@@ -25,15 +26,9 @@ from monai.utils import CommonKeys as Keys
 from torch import nn
 from torch.optim import Optimizer
 
-from scripts.meta_gradient import (
-    META_GRADIENT_MODES,
-    WEIGHT_NORMALISATIONS,
-    compute_meta_gradient,
-    l2rw_weights,
-    normalise_weights,
-    virtual_step_parameters,
-)
+from scripts.meta_gradient import Batch, compute_meta_gradient, l2rw_weights, normalise_weights, virtual_step_parameters
 from scripts.meta_net import MetaMaskNet
+from scripts.options import check_options
 
 CORRUPTION_KEY = "corruption_mask"
 WEIGHT_KEY = "weight"
@@ -45,36 +40,6 @@ COLLAPSE_FRACTION = 0.95
 
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _is_int(value: Any, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
-def mcpm_option_problems(
-    meta_gradient: Any = "jvp",
-    virtual_lr: Any = 0.1,
-    weight_normalisation: Any = "sum",
-    meta_interval: Any = 1,
-    warmup_epochs: Any = 0,
-    max_nonfinite_steps: Any = 5,
-) -> list[str]:
-    """Every MCPM option with a wrong type or out of range, each with its value and the allowed range."""
-    problems = []
-    if meta_gradient not in META_GRADIENT_MODES:
-        problems.append(f"meta_gradient must be one of {META_GRADIENT_MODES}, got {meta_gradient!r}")
-    if weight_normalisation not in WEIGHT_NORMALISATIONS:
-        problems.append(f"weight_normalisation must be one of {WEIGHT_NORMALISATIONS}, got {weight_normalisation!r}")
-    if not isinstance(virtual_lr, (int, float)) or isinstance(virtual_lr, bool) or not virtual_lr > 0:
-        problems.append(f"virtual_lr must be a number > 0, got {virtual_lr!r}")
-    for name, value, minimum in (
-        ("meta_interval", meta_interval, 1),
-        ("warmup_epochs", warmup_epochs, 0),
-        ("max_nonfinite_steps", max_nonfinite_steps, 1),
-    ):
-        if not _is_int(value, minimum):
-            problems.append(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return problems
 
 
 def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
@@ -94,7 +59,7 @@ def _rank_mean(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
     flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)
     flat /= world
-    return [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+    return [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
 
 
 class MetaReweightTrainer(SupervisedTrainer):
@@ -110,6 +75,9 @@ class MetaReweightTrainer(SupervisedTrainer):
         meta_interval: a meta step every ``meta_interval`` iterations.
         max_nonfinite_steps: an iteration whose loss, meta loss, weights or gradients are not finite is skipped
             with a warning (batch-norm statistics restored); this many in a row stop training.
+
+    The options are checked as ``check_training_config`` checks the config's ``mcpm`` section, with the one
+    definition in ``scripts/options.py``.
 
     ``engine.state.output`` holds image, label, pred and loss as in ``SupervisedTrainer``, plus the meta
     loss (NaN on iterations without a meta step) and the weight map. Per-epoch means of the meta loss and
@@ -133,9 +101,7 @@ class MetaReweightTrainer(SupervisedTrainer):
         train_handlers: Sequence | None = None,
         **kwargs: Any,
     ) -> None:
-        problems = mcpm_option_problems(meta_interval=meta_interval, warmup_epochs=warmup_epochs, max_nonfinite_steps=max_nonfinite_steps)
-        if problems:
-            raise ValueError("invalid options: " + "; ".join(problems))
+        check_options(meta_interval=meta_interval, warmup_epochs=warmup_epochs, max_nonfinite_steps=max_nonfinite_steps)
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -157,7 +123,7 @@ class MetaReweightTrainer(SupervisedTrainer):
         self.add_event_handler(Events.EPOCH_STARTED, self._start_epoch)
 
     def _reweight(
-        self, inputs: torch.Tensor, targets: torch.Tensor, pred: torch.Tensor, loss_map: torch.Tensor
+        self, batch: Batch, pred: torch.Tensor, loss_map: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """After warm-up: the weight map in [0, 1] (for logging), the coefficients of the loss map in the real
         step, and whether the meta step was finite."""
@@ -171,7 +137,13 @@ class MetaReweightTrainer(SupervisedTrainer):
         self._stat_sums = {name: [0.0, 0] for name in EPOCH_STATS}
         self.state.metrics["skipped_steps"] = 0
 
-    def _next_meta_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prepare(self, batchdata: Any) -> Batch:
+        """``batchdata`` on the device as ``prepare_batch`` makes it: image and label, and the extra arguments of
+        the network's forward when it returns them, as in ``SupervisedTrainer._iteration``."""
+        return Batch(*self.prepare_batch(batchdata, self.state.device, self.non_blocking, **self.to_kwargs))
+
+    def _next_meta_batch(self) -> Batch:
+        """The next batch of the meta set, restarting the meta loader when it runs out."""
         try:
             batch = next(self._meta_batches)
         except StopIteration:
@@ -180,8 +152,7 @@ class MetaReweightTrainer(SupervisedTrainer):
                 batch = next(self._meta_batches)
             except StopIteration:
                 raise RuntimeError("the meta data loader is empty: MCPM needs at least one clean meta case.") from None
-        image, label = self.prepare_batch(batch, self.state.device, self.non_blocking, **self.to_kwargs)[:2]
-        return image, label
+        return self._prepare(batch)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast("cuda", **self.amp_kwargs) if self.amp else contextlib.nullcontext()
@@ -199,7 +170,7 @@ class MetaReweightTrainer(SupervisedTrainer):
         """Undo what a non-finite iteration changed, count it, and stop after too many in a row."""
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            for buffer, before in zip(self.network.buffers(), buffers_before):
+            for buffer, before in zip(self.network.buffers(), buffers_before, strict=True):
                 buffer.copy_(before)
         self._consecutive_skips += 1
         self.state.metrics["skipped_steps"] += 1
@@ -232,16 +203,16 @@ class MetaReweightTrainer(SupervisedTrainer):
             # NaN (not recorded) when a batch has no voxel of that kind
             stats["weight_corrupted"] = (weights * corrupted).sum() / corrupted.sum()
             stats["weight_unchanged"] = (weights * (1 - corrupted)).sum() / (1 - corrupted).sum()
-        for name, value in zip(stats, torch.stack(list(stats.values())).float().tolist()):
+        for name, value in zip(stats, torch.stack(list(stats.values())).float().tolist(), strict=True):
             if not math.isnan(value):
                 self._record(name, value)
 
     def _iteration(self, engine: MetaReweightTrainer, batchdata: dict[str, torch.Tensor]) -> dict:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
-        inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)[:2]
+        batch = engine._prepare(batchdata)
         corruption = batchdata.get(CORRUPTION_KEY) if isinstance(batchdata, dict) else None
-        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
+        engine.state.output = {Keys.IMAGE: batch.image, Keys.LABEL: batch.label}
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         # a skipped step must not leave non-finite batch-norm running statistics behind
@@ -249,8 +220,8 @@ class MetaReweightTrainer(SupervisedTrainer):
         finite = True
 
         with engine._autocast():
-            pred = engine.inferer(inputs, engine.network)
-            loss_map = engine.loss_function(pred, targets)
+            pred = engine.inferer(batch.image, engine.network, *batch.args, **batch.kwargs)
+            loss_map = engine.loss_function(pred, batch.label)
         if loss_map.shape != pred.shape[:1] + pred.shape[2:]:
             raise ValueError(
                 f"MCPM needs a per-voxel loss map of shape {tuple(pred.shape[:1] + pred.shape[2:])}, but the loss "
@@ -263,7 +234,7 @@ class MetaReweightTrainer(SupervisedTrainer):
             weights = torch.ones_like(loss_map)
             loss = loss_map.mean()
         else:
-            weights, coefficients, finite = engine._reweight(inputs, targets, pred, loss_map)
+            weights, coefficients, finite = engine._reweight(batch, pred, loss_map)
             loss = (coefficients * loss_map).sum()
         engine.state.output.setdefault("meta_loss", torch.tensor(float("nan")))
         engine.state.output[Keys.LOSS] = loss
@@ -320,9 +291,12 @@ class MCPMTrainer(MetaReweightTrainer):
         virtual_step_params: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> None:
-        problems = mcpm_option_problems(meta_gradient=meta_gradient, virtual_lr=virtual_lr, weight_normalisation=weight_normalisation)
-        if problems:
-            raise ValueError("invalid MCPM options: " + "; ".join(problems))
+        check_options(
+            meta_gradient=meta_gradient,
+            virtual_lr=virtual_lr,
+            weight_normalisation=weight_normalisation,
+            virtual_step_params=virtual_step_params,
+        )
         super().__init__(*args, **kwargs)
         self.meta_network = meta_network.to(self.state.device)
         self.meta_optimizer = meta_optimizer
@@ -346,34 +320,32 @@ class MCPMTrainer(MetaReweightTrainer):
             )
 
     def _reweight(
-        self, inputs: torch.Tensor, targets: torch.Tensor, pred: torch.Tensor, loss_map: torch.Tensor
+        self, batch: Batch, pred: torch.Tensor, loss_map: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         self.meta_network.train()
-        meta_input = self.meta_network.build_input(loss_map, pred, targets, inputs)
+        meta_input = self.meta_network.build_input(loss_map, pred, batch.label, batch.image)
         finite = True
         if self.meta_step_due():
-            meta_image, meta_label = self._next_meta_batch()
             meta_loss, grads = compute_meta_gradient(
-                self.meta_gradient,
-                self.unwrapped_network,
-                self.loss_function,
-                inputs,
-                targets,
-                loss_map,
-                self.meta_network,
-                meta_input,
-                meta_image,
-                meta_label,
-                self.virtual_lr,
-                self.weight_normalisation,
-                self._autocast,
-                self.virtual_step_params,
+                mode=self.meta_gradient,
+                network=self.unwrapped_network,
+                loss_function=self.loss_function,
+                batch=batch,
+                loss_map=loss_map,
+                meta_network=self.meta_network,
+                meta_input=meta_input,
+                meta_batch=self._next_meta_batch(),
+                virtual_lr=self.virtual_lr,
+                normalisation=self.weight_normalisation,
+                autocast=self._autocast,
+                virtual_step_params=self.virtual_step_params,
             )
             grads = _rank_mean(grads)  # after the reduction, so that every rank takes the same decision
             finite = _all_finite([meta_loss, *grads])
             if finite:
                 self.meta_optimizer.zero_grad(set_to_none=True)
-                for p, g in zip((p for p in self.meta_network.parameters() if p.requires_grad), grads):
+                meta_params = [p for p in self.meta_network.parameters() if p.requires_grad]
+                for p, g in zip(meta_params, grads, strict=True):
                     p.grad = g
                 self.meta_optimizer.step()
                 self._record("meta_loss", meta_loss.item())
@@ -394,12 +366,12 @@ class L2RWTrainer(MetaReweightTrainer):
     """
 
     def _reweight(
-        self, inputs: torch.Tensor, targets: torch.Tensor, pred: torch.Tensor, loss_map: torch.Tensor
+        self, batch: Batch, pred: torch.Tensor, loss_map: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         if not self.meta_step_due():
             return torch.ones_like(loss_map), normalise_weights(torch.ones_like(loss_map), "sum"), True
-        meta_image, meta_label = self._next_meta_batch()
-        meta_loss, raw = l2rw_weights(self.unwrapped_network, self.loss_function, inputs, targets, meta_image, meta_label, self._autocast)
+        network, meta_batch = self.unwrapped_network, self._next_meta_batch()
+        meta_loss, raw = l2rw_weights(network, self.loss_function, batch, meta_batch, self._autocast)
         finite = _all_finite([meta_loss, raw])
         self._record("meta_loss", meta_loss.item())
         self.state.output["meta_loss"] = meta_loss

@@ -18,12 +18,16 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tests.conftest import BUNDLE_ROOT, CONFIGS, TINY, bundle
 
+
 @pytest.fixture(scope="module")
 def trained(dataset, tmp_path_factory) -> Path:
     """MCPM training run from an unrelated folder with an absolute config path and --bundle_root."""
     out = tmp_path_factory.mktemp("mcpm")
     elsewhere = tmp_path_factory.mktemp("elsewhere")
-    result = bundle("run", ["train.json"], elsewhere, bundle_root=BUNDLE_ROOT, dataset_dir=dataset, ckpt_dir=out / "models", output_dir=out, **TINY)
+    result = bundle(
+        "run", ["train.json"], elsewhere, bundle_root=BUNDLE_ROOT, dataset_dir=dataset, ckpt_dir=out / "models",
+        output_dir=out, **TINY,
+    )
     (out / "train.log").write_text(result.stdout + result.stderr)
     return out
 
@@ -100,7 +104,10 @@ def test_baseline_from_bundle_root(dataset, tmp_path):
 )
 def test_baselines_train(configs, dataset, tmp_path):
     """Each baseline is one override file away from train.json, and has no meta network."""
-    bundle("run", configs, tmp_path, bundle_root=BUNDLE_ROOT, dataset_dir=dataset, ckpt_dir=tmp_path / "models", output_dir=tmp_path, **TINY)
+    bundle(
+        "run", configs, tmp_path, bundle_root=BUNDLE_ROOT, dataset_dir=dataset, ckpt_dir=tmp_path / "models",
+        output_dir=tmp_path, **TINY,
+    )
     assert (tmp_path / "models" / "model.pt").is_file()
     assert not (tmp_path / "models" / "meta_network.pt").exists()
 
@@ -133,7 +140,8 @@ def test_inference_writes_predictions_on_the_input_grid(trained, dataset, tmp_pa
 
 
 def test_metadata_validates_against_schema():
-    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(BUNDLE_ROOT / "tests" / "fixtures" / "meta_schema_20240725.json"))
+    schema = BUNDLE_ROOT / "tests" / "fixtures" / "meta_schema_20240725.json"
+    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(schema))
 
 
 @pytest.mark.parametrize("config, workflow_type, data", [("train.json", "train", ""), ("inference.json", "inference", "imagesTs")])

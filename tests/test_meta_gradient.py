@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from scripts.losses import voxel_cross_entropy
-from scripts.meta_gradient import buffer_copies, compute_meta_gradient, l2rw_weights, normalise_weights
+from scripts.meta_gradient import Batch, buffer_copies, compute_meta_gradient, l2rw_weights, normalise_weights
 from scripts.meta_net import MetaMaskNet
 from tests.conftest import tiny_unet
 
@@ -26,13 +26,16 @@ def _problem(norm: str, inputs=("loss",)):
     return network, meta_network, image, label, meta_image, meta_label
 
 
-def _meta_gradient(mode, network, meta_network, image, label, meta_image, meta_label, normalisation, virtual_step_params=None):
+def _meta_gradient(
+    mode, network, meta_network, image, label, meta_image, meta_label, normalisation, virtual_step_params=None
+):
     logits = network(image)
     loss_map = voxel_cross_entropy(logits, label)
     meta_input = meta_network.build_input(loss_map, logits, label, image)
     result = compute_meta_gradient(
-        mode, network, voxel_cross_entropy, image, label, loss_map, meta_network, meta_input,
-        meta_image, meta_label, virtual_lr=0.1, normalisation=normalisation, virtual_step_params=virtual_step_params,
+        mode=mode, network=network, loss_function=voxel_cross_entropy, batch=Batch(image, label), loss_map=loss_map,
+        meta_network=meta_network, meta_input=meta_input, meta_batch=Batch(meta_image, meta_label), virtual_lr=0.1,
+        normalisation=normalisation, virtual_step_params=virtual_step_params,
     )
     return result.meta_loss, torch.cat([g.flatten() for g in result.grads])
 
@@ -62,7 +65,10 @@ def test_meta_gradient_leaves_running_stats_and_parameters(mode):
     state = copy.deepcopy(network.state_dict())
     loss_map = voxel_cross_entropy(logits, label)
     meta_input = meta_network.build_input(loss_map, logits, label, image)
-    compute_meta_gradient(mode, network, voxel_cross_entropy, image, label, loss_map, meta_network, meta_input, meta_image, meta_label, 0.1)
+    compute_meta_gradient(
+        mode=mode, network=network, loss_function=voxel_cross_entropy, batch=Batch(image, label), loss_map=loss_map,
+        meta_network=meta_network, meta_input=meta_input, meta_batch=Batch(meta_image, meta_label), virtual_lr=0.1,
+    )
     for name, value in network.state_dict().items():
         assert torch.equal(value, state[name]), name
     assert all(p.grad is None for p in network.parameters())
@@ -78,7 +84,8 @@ def test_meta_gradient_matches_finite_difference():
     def meta_loss_at(offset: float) -> torch.Tensor:
         shifted = copy.deepcopy(meta_network)
         with torch.no_grad():
-            torch.nn.utils.vector_to_parameters(torch.nn.utils.parameters_to_vector(meta_network.parameters()) + offset * direction, shifted.parameters())
+            vector = torch.nn.utils.parameters_to_vector(meta_network.parameters()) + offset * direction
+            torch.nn.utils.vector_to_parameters(vector, shifted.parameters())
         return _meta_gradient("jvp", network, shifted, image, label, meta_image, meta_label, "sum")[0]
 
     numeric = (meta_loss_at(eps) - meta_loss_at(-eps)) / (2 * eps)
@@ -117,15 +124,16 @@ def test_unknown_virtual_step_params_are_rejected():
 def test_l2rw_weights_are_the_negative_meta_gradient_of_the_loss_coefficients():
     """Ren et al.'s definition through autograd: ε = 0, θ̂ = θ − α ∇θ Σ ε_i ℓ_i, w = max(0, −∂L_meta(θ̂)/∂ε) / α."""
     network, _, image, label, meta_image, meta_label = _problem("batch")
-    meta_loss, weights = l2rw_weights(network, voxel_cross_entropy, image, label, meta_image, meta_label)
+    meta_loss, weights = l2rw_weights(network, voxel_cross_entropy, Batch(image, label), Batch(meta_image, meta_label))
 
     alpha = 0.1
     params = dict(network.named_parameters())
     eps = torch.zeros(label.shape[:1] + label.shape[2:], dtype=torch.float64, requires_grad=True)
     loss_map = voxel_cross_entropy(torch.func.functional_call(network, (params, buffer_copies(network)), (image,)), label)
     grads = torch.autograd.grad((eps * loss_map).sum(), list(params.values()), create_graph=True)
-    virtual = {n: p - alpha * g for (n, p), g in zip(params.items(), grads)}
-    reference_meta_loss = voxel_cross_entropy(torch.func.functional_call(network, (virtual, buffer_copies(network)), (meta_image,)), meta_label).mean()
+    virtual = {n: p - alpha * g for (n, p), g in zip(params.items(), grads, strict=True)}
+    meta_logits = torch.func.functional_call(network, (virtual, buffer_copies(network)), (meta_image,))
+    reference_meta_loss = voxel_cross_entropy(meta_logits, meta_label).mean()
     (d_eps,) = torch.autograd.grad(reference_meta_loss, eps)
     expected = (-d_eps / alpha).clamp_min(0)
 

@@ -33,7 +33,8 @@ def train(tmp: Path, data: Path, ckpt_dir: Path, extra_config: Path | None = Non
 def kill_at_iteration(path: Path, iteration: int) -> Path:
     """The config's run list with a handler that SIGKILLs the process after ``iteration``."""
     run = json.loads((CONFIGS / "train.json").read_text())["run"]
-    run.insert(-1, f"$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED(once={iteration}), lambda e: os.kill(os.getpid(), 9))")
+    event = f"ignite.engine.Events.ITERATION_COMPLETED(once={iteration})"
+    run.insert(-1, f"$@train#trainer.add_event_handler({event}, lambda e: os.kill(os.getpid(), 9))")
     path.write_text(json.dumps({"run": run}))
     return path
 

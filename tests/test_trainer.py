@@ -100,7 +100,7 @@ def test_meta_interval(interval):
     history = _track(trainer)
     trainer.run()
     before = [meta0] + [h["meta"] for h in history[:-1]]
-    changed = [not torch.equal(prev, h["meta"]) for prev, h in zip(before, history)]
+    changed = [not torch.equal(prev, h["meta"]) for prev, h in zip(before, history, strict=True)]
     assert changed == [i % interval == 0 for i in range(len(history))]
     # weights from the current meta net are applied on every iteration
     assert all(torch.isfinite(h["output"][0]["weight"]).all() for h in history)
@@ -127,7 +127,7 @@ def test_warmup_iteration_equals_supervised_trainer():
         network=reference, optimizer=torch.optim.Adam(reference.parameters(), 1e-2),
         loss_function=VoxelCrossEntropyLoss(reduction="mean"),
     ).run()
-    for (name, a), b in zip(network.state_dict().items(), reference.state_dict().values()):
+    for (name, a), b in zip(network.state_dict().items(), reference.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), name
 
 

@@ -15,8 +15,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts.data.synthetic import SPLITS, generate_dataset
 from scripts.checks import DatalistError, check_before_training, validate_datalist
+from scripts.data.synthetic import SPLITS, generate_dataset
 
 # ITK's SWIG bindings warn about their own types when they load
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type .* has no __module__ attribute:DeprecationWarning")
@@ -407,8 +407,9 @@ def test_every_bad_training_setting_is_reported_at_once(tmp_path):
         "patch_size": [20, 48, 48],
         "mcpm": {**GOOD_SETTINGS["mcpm"], "meta_interval": 0, "meta_gradient": "hessian", "meta_intervall": 2},
     }
+    output_dirs = {"ckpt_dir": str(blocker / "models"), "output_dir": str(tmp_path)}
     with pytest.raises(ConfigError) as error:
-        check_training_config(**bad, output_dirs={"ckpt_dir": str(blocker / "models"), "output_dir": str(tmp_path)}, min_free_mb=1e12)
+        check_training_config(**bad, output_dirs=output_dirs, min_free_mb=1e12)
     message = str(error.value)
     for expected in (
         "learning_rate must be a number > 0, got -0.1",

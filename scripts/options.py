@@ -1,0 +1,78 @@
+"""The MCPM options, defined once: the names of the ``mcpm`` section of ``configs/train.json`` and the values each
+accepts. ``check_training_config`` (``scripts/checks.py``) checks that section with them before anything runs, and
+the trainers (``scripts/trainer.py``) check their arguments with them, so the two checks cannot disagree."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from scripts.utils import number_problem
+
+__all__ = ["META_GRADIENT_MODES", "MCPM_OPTIONS", "WEIGHT_NORMALISATIONS", "check_options", "option_problems"]
+
+META_GRADIENT_MODES = ("jvp", "second_order")
+WEIGHT_NORMALISATIONS = ("sum", "mean", "none")
+
+# what is wrong with a value of the named option, naming it; None when nothing is
+OptionCheck = Callable[[str, Any], str | None]
+
+
+def one_of(choices: Sequence[str]) -> OptionCheck:
+    """A check that the value is one of ``choices``."""
+
+    def problem(name: str, value: Any) -> str | None:
+        return None if value in choices else f"{name} must be one of {tuple(choices)}, got {value!r}"
+
+    return problem
+
+
+def number(low: float, integer: bool = False, low_open: bool = False) -> OptionCheck:
+    """A check that the value is a number (an integer if ``integer``) of at least ``low`` (above it if ``low_open``),
+    with :py:func:`scripts.utils.number_problem`."""
+    return lambda name, value: number_problem(name, value, low, integer=integer, low_open=low_open)
+
+
+def parameter_prefixes(name: str, value: Any) -> str | None:
+    """A check that the value is None (every parameter) or a non-empty list of parameter name prefixes; whether each
+    prefix matches a parameter only the network can tell (``scripts.meta_gradient.virtual_step_parameters``)."""
+    if value is None or (isinstance(value, (list, tuple)) and value and all(isinstance(p, str) and p for p in value)):
+        return None
+    return f"{name} must be null (every parameter) or a non-empty list of parameter name prefixes, got {value!r}"
+
+
+# every option of the ``mcpm`` section; docs/mcpm.md says what each does and why it has its default
+MCPM_OPTIONS: dict[str, OptionCheck] = {
+    "meta_gradient": one_of(META_GRADIENT_MODES),
+    "virtual_lr": number(0, low_open=True),
+    "weight_normalisation": one_of(WEIGHT_NORMALISATIONS),
+    "meta_interval": number(1, integer=True),
+    "warmup_epochs": number(0, integer=True),
+    "virtual_step_params": parameter_prefixes,
+    "max_nonfinite_steps": number(1, integer=True),
+    "meta_learning_rate": number(0, low_open=True),
+    "meta_batch_size": number(1, integer=True),
+}
+
+
+def option_problems(options: Mapping[str, Any], section: str = "") -> list[str]:
+    """Every problem of ``options``, each with its value and what is allowed: unknown names (most likely typos) first,
+    then values of the wrong type or out of range. With ``section`` (``"mcpm"``) the names read as config keys."""
+    prefix = f"{section}#" if section else ""
+    unknown = sorted(set(options) - set(MCPM_OPTIONS))
+    problems = []
+    if unknown:
+        known = sorted(MCPM_OPTIONS)
+        problems.append(f"{section or 'the MCPM options'} has unknown keys {unknown}; known keys: {known}")
+    for name, value in options.items():
+        problem = MCPM_OPTIONS[name](prefix + name, value) if name in MCPM_OPTIONS else None
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def check_options(**options: Any) -> None:
+    """Raise a ValueError listing every problem of the MCPM ``options`` (the arguments of a trainer)."""
+    problems = option_problems(options)
+    if problems:
+        raise ValueError("invalid MCPM options: " + "; ".join(problems) + ".")
