@@ -31,7 +31,7 @@ from torch import nn
 
 from scripts.losses import voxel_cross_entropy
 from scripts.meta_net import MetaMaskNet
-from scripts.utils import figure, write_csv, write_json, write_nifti
+from scripts.utils import figure, save_figure, write_csv, write_json, write_nifti
 
 __all__ = [
     "CaseScore",
@@ -272,7 +272,7 @@ def plot_overview(cases: Sequence[CaseScore], rows: Sequence[Mapping[str, Any]],
             ax.set_title(f"#{summary['rank']} {case.name} z={z}: {name}", fontsize=8)
             ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def run_audit(

@@ -298,7 +298,7 @@ def validate_datalist(
     dataset_dir: str | Path | None = None,
     num_classes: int = 3,
     splits_required: Sequence[str] = ("training", "meta"),
-    label_required_splits: Sequence[str] = ("training", "meta", "validation", "test"),
+    label_required_splits: Sequence[str] = SPLITS,
     check_files: bool = True,
     image_channels: int = 1,
 ) -> dict[str, int]:

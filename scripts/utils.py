@@ -1,5 +1,6 @@
-"""Helpers shared by the bundle and its tools, one of each: split names, Dice of masks, number checks and
-atomic writers of JSON, CSV and NIfTI files (a failure leaves the previous file, or none, never half a file)."""
+"""Helpers shared by the bundle and its tools, one of each: the split names and the datalist's file name, Dice of
+masks and a NaN-skipping mean, number checks, and atomic writers of text, JSON, CSV, NIfTI and figures (a failure
+leaves the previous file, or none, never half a file), with off-screen matplotlib figures."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 
 __all__ = [
@@ -25,10 +27,13 @@ __all__ = [
     "dice",
     "figure",
     "nanmean",
+    "json_text",
     "number_problem",
+    "save_figure",
     "write_csv",
     "write_json",
     "write_nifti",
+    "write_text",
 ]
 
 # the datalist's splits: noisy training cases, trusted (clean) meta cases, validation and test cases
@@ -113,11 +118,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def write_json(value: Any, path: str | os.PathLike, indent: int = 4) -> Path:
-    """Write ``value`` as JSON (indented, keys in their order, a final newline) atomically; return the path."""
+def json_text(value: Any, indent: int = 4) -> str:
+    """``value`` as the JSON text this project writes: indented, keys in their order, ASCII, a final newline (the
+    model zoo's ``pretty-format-json --indent=4 --no-sort-keys`` format at the default indent)."""
+    return json.dumps(value, indent=indent, ensure_ascii=True) + "\n"
+
+
+def write_text(text: str, path: str | os.PathLike) -> Path:
+    """Write ``text`` to ``path`` atomically; return the path."""
     with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(value, indent=indent) + "\n")
+        temporary.write_text(text)
     return Path(path)
+
+
+def write_json(value: Any, path: str | os.PathLike, indent: int = 4) -> Path:
+    """Write ``value`` as :py:func:`json_text` atomically; return the path."""
+    return write_text(json_text(value, indent), path)
 
 
 def write_csv(
@@ -137,8 +153,6 @@ def write_csv(
 def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, units: str | None = None) -> Path:
     """Write ``array`` as NIfTI with ``affine`` as both qform and sform (code 1, scanner frame), atomically;
     ``units`` (e.g. ``"mm"``) sets the header's spatial units."""
-    import nibabel as nib
-
     image = nib.Nifti1Image(array, affine)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
@@ -152,6 +166,14 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, 
 def figure(**kwargs: Any) -> Any:
     """A matplotlib ``Figure`` drawn off-screen, without pyplot and without changing matplotlib's global backend
     (``Figure.savefig`` renders with Agg); ``kwargs`` go to ``Figure``."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # deferred: training and inference never draw, so they never load it
 
     return Figure(**kwargs)
+
+
+def save_figure(fig: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
+    """Save the matplotlib figure ``fig`` to ``path`` atomically (the format from the suffix); ``kwargs`` go to
+    ``Figure.savefig``."""
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, **kwargs)
+    return Path(path)

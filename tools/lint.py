@@ -14,15 +14,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from scripts.utils import json_text, write_text
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PYTHON_PATHS = ("scripts", "tests", "tools")
 JSON_GLOBS = ("configs/*.json",)
 
 
 def formatted_json(text: str) -> str:
-    """``text`` as ``pretty-format-json --indent=4 --no-sort-keys`` writes it: keys in their order, ASCII, a final
-    newline. Raises ValueError (json.JSONDecodeError) when ``text`` is not JSON."""
-    return json.dumps(json.loads(text), indent=4, ensure_ascii=True) + "\n"
+    """``text`` as ``pretty-format-json --indent=4 --no-sort-keys`` writes it (:py:func:`scripts.utils.json_text`).
+    Raises ValueError (json.JSONDecodeError) when ``text`` is not JSON."""
+    return json_text(json.loads(text))
 
 
 def json_findings(root: Path, fix: bool = False) -> list[str]:
@@ -38,7 +40,7 @@ def json_findings(root: Path, fix: bool = False) -> list[str]:
             continue
         if text != wanted:
             if fix:
-                path.write_text(wanted)
+                write_text(wanted, path)
             else:
                 findings.append(f"{path.relative_to(root)}: not formatted (run: python -m tools.lint --fix)")
     return findings

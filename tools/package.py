@@ -33,6 +33,8 @@ from urllib.parse import unquote
 
 import yaml
 
+from scripts.utils import atomic_path
+
 BUNDLE_NAME = "mcpm_noisy_label_segmentation"
 REQUIRED_FILES = (
     "LICENSE",
@@ -281,14 +283,13 @@ def package_bundle(
     if zip_path.exists() and not overwrite:
         raise FileExistsError(f"{zip_path} already exists; pass overwrite=True (--overwrite) to replace it.")
     files = bundle_files(root, include_weights)
-    zip_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = zip_path.with_name(zip_path.name + ".part")  # never leave a half-written zip under the final name
-    with zipfile.ZipFile(partial, "w") as archive:
+    # never a half-written zip under the final name
+    with atomic_path(zip_path) as partial, zipfile.ZipFile(partial, "w") as archive:
         for relative in files:
             info = zipfile.ZipInfo(f"{name}/{relative}", date_time=ZIP_DATE)
             info.external_attr = 0o644 << 16
             archive.writestr(info, (root / relative).read_bytes(), compress_type=zipfile.ZIP_DEFLATED)
-    return partial.replace(zip_path)
+    return zip_path
 
 
 def main() -> None:

@@ -27,7 +27,6 @@ from scripts.data.corruption import RandErodeDilateLabeld, RandLabelCorruptiond,
 from scripts.utils import DATALIST, SPLITS, check_number, write_json, write_nifti
 
 __all__ = [
-    "DATALIST",
     "case_files",
     "centred_affine",
     "dataset_parser",
@@ -274,8 +273,7 @@ def generate_dataset(
         FileExistsError: when ``out_dir`` holds a different dataset or other files this generator would
             overwrite, and ``overwrite`` is False.
     """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
+    check_number("seed", seed, 0, integer=True)
     counts = {"training": num_training, "meta": num_meta, "validation": num_validation, "test": num_test}
     generator = {
         "seed": int(seed),

@@ -43,7 +43,8 @@ from scripts.audit import detection_summary, load_trained, score_cases
 from scripts.data.synthetic import generate_dataset
 from scripts.experiments.methods import BUNDLE_ROOT, CONFIGS, METHODS, Method, bundle_run, class_names, read_case_dice
 from scripts.experiments.report import plot_dice_vs_noise, plot_weight_maps, write_report
-from scripts.utils import nanmean, write_csv, write_json
+from scripts.lidc.phantom import generate_lidc_phantom
+from scripts.utils import DATALIST, nanmean, write_csv, write_json
 
 
 @dataclass(frozen=True)
@@ -256,8 +257,6 @@ def dataset_for(mode: Mode, setting_name: str, seed: int, out_dir: Path) -> Path
     }
     folder = out_dir / "data" / setting_name / f"seed{seed}"
     if setting.generator == "lidc_phantom":
-        from scripts.lidc.phantom import generate_lidc_phantom  # reads the LIDC database, which only this needs
-
         return generate_lidc_phantom(folder, **common)
     if setting.generator != "synthetic":
         raise ValueError(f"unknown generator {setting.generator!r} of setting {setting_name!r}.")
@@ -353,7 +352,7 @@ def weight_map_figure(mode: Mode, out_dir: Path, setting_name: str, seed: int, n
     models = load_trained([str(CONFIGS / "train.json")], overrides)
     scores = sorted(score_cases(models), key=lambda c: int(c.corruption_mask.sum()), reverse=True)[:num_cases]
     preprocessing = models.parser.get_parsed_content("validate#preprocessing")
-    training = json.loads((dataset_dir / "datalist.json").read_text())["training"]
+    training = json.loads((dataset_dir / DATALIST).read_text())["training"]
     entries = {Path(e["label"]).name.split(".")[0]: e for e in training}
     clean = {}
     for case in scores:

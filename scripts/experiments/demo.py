@@ -16,7 +16,7 @@ from pathlib import Path
 
 from scripts.data.synthetic import generate_dataset
 from scripts.experiments.methods import BUNDLE_ROOT, METHODS, bundle_run, class_names, read_case_dice
-from scripts.utils import nanmean
+from scripts.utils import nanmean, write_text
 
 # the column name of each method this demo runs, and its name in scripts.experiments.methods.METHODS;
 # plain training on the clean versions of the same training cases is the upper bound MCPM aims for
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
 
     table = results_table(results, class_names=class_names(datalist.parent))
     summary = f"Dice on the clean test labels ({time.time() - start:.0f} s in all):\n\n{table}\n"
-    (args.work_dir / "results.md").write_text(summary)
+    write_text(summary, args.work_dir / "results.md")
     print("\n" + summary)
 
 

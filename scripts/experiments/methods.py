@@ -19,6 +19,8 @@ from pathlib import Path
 __all__ = ["BUNDLE_ROOT", "CONFIGS", "METHODS", "Method", "bundle_run", "class_names", "read_case_dice"]
 
 # scripts/experiments/methods.py -> the bundle root, which holds configs/
+from scripts.utils import DATALIST
+
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = BUNDLE_ROOT / "configs"
 
@@ -75,5 +77,5 @@ def read_case_dice(csv_path: Path) -> dict[str, list[float]]:
 
 def class_names(dataset_dir: Path) -> list[str]:
     """Names of the foreground classes in the order of the label values, from the dataset's datalist."""
-    labels = json.loads((dataset_dir / "datalist.json").read_text())["labels"]
+    labels = json.loads((dataset_dir / DATALIST).read_text())["labels"]
     return [labels[value] for value in sorted(labels, key=int) if value != "0"]

@@ -21,7 +21,7 @@ import torch
 
 from scripts.audit import CaseScore
 from scripts.experiments.methods import METHODS
-from scripts.utils import figure
+from scripts.utils import figure, save_figure, write_text
 
 __all__ = [
     "TARGETS",
@@ -174,7 +174,7 @@ def plot_dice_vs_noise(rows: Sequence[dict[str, Any]], path: Path) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    save_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
 def plot_weight_maps(scores: Sequence[CaseScore], clean_labels: dict[str, np.ndarray], path: Path, title: str) -> None:
@@ -200,7 +200,7 @@ def plot_weight_maps(scores: Sequence[CaseScore], clean_labels: dict[str, np.nda
         fig.colorbar(shown, ax=row[3], fraction=0.046)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def machine_description() -> str:
@@ -258,5 +258,5 @@ def write_report(
         "Figures: `dice_vs_noise.png`" + (f", `weight_maps.png` ({weight_maps})" if weight_maps else ""),
         "",
     ]
-    path.write_text("\n".join(lines))
+    write_text("\n".join(lines), path)
     return path

@@ -49,7 +49,6 @@ from scripts.lidc.database import (
 )
 from scripts.lidc.dicom import (
     AIR_HU,
-    DATALIST,
     DEFAULT_PATCH,
     DicomSeries,
     case_files,
@@ -75,13 +74,12 @@ from scripts.lidc.nodules import (
 )
 from scripts.lidc.plot import plot_statistics
 from scripts.lidc.raster import BoxMask, annotation_mask, patch_start, rasterise_polygon
-from scripts.utils import dice  # the one definition of Dice (NaN for two empty masks), part of this API as before
+from scripts.utils import dice  # the one definition of Dice (NaN for two empty masks), exported for the tools
 
 __all__ = [
     "AIR_HU",
     "CHARACTERISTICS",
     "DATABASE_ENV",
-    "DATALIST",
     "DEFAULT_PATCH",
     "LIDC_LABELS",
     "MAX_READERS",

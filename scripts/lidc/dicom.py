@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AIR_HU",
-    "DATALIST",
     "DEFAULT_PATCH",
     "DicomSeries",
     "case_files",
