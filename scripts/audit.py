@@ -29,6 +29,7 @@ from scipy import ndimage
 from scipy.stats import rankdata
 from torch import nn
 
+from scripts.cases import case_id
 from scripts.losses import voxel_cross_entropy
 from scripts.meta_net import MetaMaskNet
 from scripts.utils import figure, save_figure, write_csv, write_json, write_nifti
@@ -126,7 +127,7 @@ def score_cases(models: TrainedModels, split: str = "training") -> Iterator[Case
             weight = models.meta_network(models.meta_network.build_input(loss, logits, label, image))[0].cpu().numpy()
         mask = data.get("corruption_mask")
         yield CaseScore(
-            name=Path(entry["label"]).name.split(".")[0],
+            name=case_id(entry["label"]),
             image=image[0, 0].cpu().numpy(),
             label=label[0, 0].cpu().numpy(),
             prediction=logits[0].argmax(0).cpu().numpy(),

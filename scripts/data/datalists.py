@@ -23,11 +23,12 @@ import re
 import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from scripts.cases import case_id
 from scripts.checks import DatalistError, validate_datalist
 from scripts.utils import SPLITS, check_number, write_json
 
@@ -161,13 +162,6 @@ def split_cases(
     return {split: sorted(cases, key=_natural_key) for split, cases in splits.items()}
 
 
-def _case_id(path: str) -> str:
-    """Case id of an MSD file: its name without the extension, e.g. ``liver_3`` for ``./imagesTr/liver_3.nii.gz``."""
-    name = PurePosixPath(path).name
-    name = name[: -len(".gz")] if name.endswith(".gz") else name
-    return name.rsplit(".", 1)[0] if "." in name else name
-
-
 def _relative_path(value: object, where: str) -> str:
     """A path of ``dataset.json`` normalised (``./imagesTr/a.nii.gz`` to ``imagesTr/a.nii.gz``); must be relative."""
     if not isinstance(value, str) or not value.strip():
@@ -238,13 +232,13 @@ def msd_cases(task_dir: str | Path, skip_unlabelled: bool = False) -> tuple[dict
         if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
             raise ValueError(f"{where} is {json.dumps(entry)[:80]}, expected an object with 'image' and 'label'.")
         files = {key: _relative_path(entry[key], f"{where} {key}") for key in ("image", "label")}
-        case_id = _case_id(files["image"])
-        if case_id in cases:
+        case = case_id(files["image"])
+        if case in cases:
             raise ValueError(
-                f"{where} ({files['image']}) has the case id {case_id} of training[{first_index[case_id]}]; "
+                f"{where} ({files['image']}) has the case id {case} of training[{first_index[case]}]; "
                 "case ids must be unique."
             )
-        cases[case_id], first_index[case_id] = files, index
+        cases[case], first_index[case] = files, index
     _missing_files(
         task_dir,
         [(path, f"training[{first_index[c]}] {key}") for c, files in cases.items() for key, path in files.items()],

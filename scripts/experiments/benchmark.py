@@ -40,6 +40,7 @@ import numpy as np
 from monai.bundle import run as run_workflow
 
 from scripts.audit import detection_summary, load_trained, score_cases
+from scripts.cases import case_id
 from scripts.data.synthetic import generate_dataset
 from scripts.experiments.methods import BUNDLE_ROOT, CONFIGS, METHODS, Method, bundle_run, class_names, read_case_dice
 from scripts.experiments.report import plot_dice_vs_noise, plot_weight_maps, write_report
@@ -353,7 +354,7 @@ def weight_map_figure(mode: Mode, out_dir: Path, setting_name: str, seed: int, n
     scores = sorted(score_cases(models), key=lambda c: int(c.corruption_mask.sum()), reverse=True)[:num_cases]
     preprocessing = models.parser.get_parsed_content("validate#preprocessing")
     training = json.loads((dataset_dir / DATALIST).read_text())["training"]
-    entries = {Path(e["label"]).name.split(".")[0]: e for e in training}
+    entries = {case_id(e["label"]): e for e in training}
     clean = {}
     for case in scores:
         files = {"image": entries[case.name]["image"], "label": entries[case.name]["clean_label"]}

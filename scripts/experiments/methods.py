@@ -19,6 +19,7 @@ from pathlib import Path
 __all__ = ["BUNDLE_ROOT", "CONFIGS", "METHODS", "Method", "bundle_run", "class_names", "read_case_dice"]
 
 # scripts/experiments/methods.py -> the bundle root, which holds configs/
+from scripts.cases import case_id
 from scripts.utils import DATALIST
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]
@@ -72,7 +73,7 @@ def read_case_dice(csv_path: Path) -> dict[str, list[float]]:
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
     classes = [c for c in rows[0] if c not in ("filename", "mean")]
-    return {Path(r["filename"]).name.split(".")[0]: [float(r[c]) for c in classes] for r in rows}
+    return {case_id(r["filename"]): [float(r[c]) for c in classes] for r in rows}
 
 
 def class_names(dataset_dir: Path) -> list[str]:
