@@ -20,12 +20,16 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import LoadImage, MapTransform
 
 from scripts.options import option_problems
 from scripts.utils import SPLITS, number_problem
@@ -47,7 +51,48 @@ MAX_LISTED = 8
 MAX_MESSAGE = 200
 
 
-class DatalistError(ValueError):
+class BundleInputError(ValueError):
+    """An input or setting the bundle refuses before long work starts. Its message is printed last when a
+    ``python -m monai.bundle`` command stops on it (:py:func:`install_excepthook`), so that it does not hide above
+    MONAI's "Failed to instantiate component" traceback."""
+
+
+def _input_error(error: BaseException | None) -> BundleInputError | None:
+    """The :py:class:`BundleInputError` that ``error`` is, or was raised from (its cause or context chain)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, BundleInputError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _excepthook(kind: type[BaseException], error: BaseException, traceback: Any) -> None:
+    """Print the traceback as Python does, then the bundle's own message again as the last lines."""
+    _previous_excepthook(kind, error, traceback)
+    cause = _input_error(error)
+    if cause is not None and cause is not error:
+        print(f"\nerror: {cause}", file=sys.stderr)
+
+
+_previous_excepthook = sys.excepthook
+
+
+def install_excepthook() -> None:
+    """Make an uncaught :py:class:`BundleInputError` (also one wrapped by MONAI's config parser) the last thing a
+    command prints; the exit status stays 1. Installed when this module is imported, which every bundle config
+    does through its checks; calling it again does nothing."""
+    if sys.excepthook is not _excepthook:
+        global _previous_excepthook
+        _previous_excepthook = sys.excepthook
+        sys.excepthook = _excepthook
+
+
+install_excepthook()
+
+
+class DatalistError(BundleInputError):
     """A datalist or the files it references cannot be used; ``problems`` lists every problem found."""
 
     def __init__(self, problems: Sequence[str]) -> None:
@@ -56,7 +101,7 @@ class DatalistError(ValueError):
 
 
 @dataclass(frozen=True)
-class _Volume:
+class Volume:
     """Shape and voxel-to-world (RAS) affine of a file, with its voxels when they were read."""
 
     shape: tuple[int, ...]
@@ -96,37 +141,65 @@ def _nifti_data_size(path: Path, expected: int) -> int:
     return size
 
 
-def _read_nifti(path: Path, with_data: bool) -> _Volume:
+def _read_nifti(path: Path, with_data: bool) -> Volume:
     """Read the header of a NIfTI file with nibabel, and the voxels if ``with_data``, else check their size."""
     image = nib.load(path)
     if with_data:
-        return _Volume(tuple(image.shape), image.affine, np.asanyarray(image.dataobj))
+        return Volume(tuple(image.shape), image.affine, np.asanyarray(image.dataobj))
     proxy = image.dataobj
     expected = proxy.offset + proxy.dtype.itemsize * int(np.prod(proxy.shape))
     size = _nifti_data_size(path, expected)
     if size < expected:
         raise ValueError(f"file is truncated: {size} bytes, the header declares {expected}")
-    return _Volume(tuple(image.shape), image.affine)
+    return Volume(tuple(image.shape), image.affine)
 
 
-def _read_itk(path: Path, with_data: bool) -> _Volume:
+def _read_itk(path: Path, with_data: bool) -> Volume:
     """Read a non-NIfTI file or DICOM folder with MONAI's ITK reader, as training would (the voxels are read)."""
-    from monai.transforms import LoadImage  # imported here: it takes seconds and NIfTI files do not need it
-
     image, meta = LoadImage(image_only=False, reader="ITKReader", dtype=None)(str(path))
     data, affine = np.asarray(image), np.asarray(meta["affine"], dtype=np.float64)
     if affine.shape != (4, 4):
         raise ValueError(f"has {affine.shape[0] - 1} spatial dimensions (shape {data.shape}), expected 3")
-    return _Volume(data.shape, affine, data if with_data else None)
+    return Volume(data.shape, affine, data if with_data else None)
 
 
-def _read(path: Path, with_data: bool) -> _Volume:
+def read_volume(path: Path, with_data: bool) -> Volume:
     """Read ``path``: NIfTI files with nibabel, anything else with ITK."""
     if path.name.endswith((".nii", ".nii.gz")):
         if path.is_dir():
             raise IsADirectoryError("is a directory, expected a NIfTI file")
         return _read_nifti(path, with_data)
     return _read_itk(path, with_data)
+
+
+# intensities this large overflow float32 arithmetic (the square in a standard deviation) during normalisation
+OVERFLOW = 1e18
+
+
+class CheckImaged(MapTransform):
+    """Refuse an image with NaN, infinite or overflowing voxels, naming its file, and warn about one whose voxels
+    all have one value. The datalist check reads headers only; this reads the voxels once, where they are loaded
+    anyway: put it right after ``LoadImaged`` among the cached (deterministic) transforms."""
+
+    def __init__(self, keys: KeysCollection = "image", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = torch.as_tensor(d[key])
+            name = getattr(d[key], "meta", {}).get("filename_or_obj", f"the {key!r} of a case")
+            bad = int((~torch.isfinite(image)).sum()) + int((image.abs() > OVERFLOW).sum())
+            if bad:
+                raise BundleInputError(
+                    f"{name}: {bad} of {image.numel()} voxels are NaN, infinite or beyond +-{OVERFLOW:g}; "
+                    "repair or remove the case (a single such voxel makes the whole normalised image NaN)"
+                )
+            if image.numel() and bool(image.max() == image.min()):
+                logger.warning(
+                    f"{name}: every voxel is {float(image.flatten()[0]):g}; the image carries no information"
+                )
+        return d
 
 
 def _channel_problem(shape: tuple[int, ...], channels: int) -> str | None:
@@ -144,7 +217,7 @@ def _channel_problem(shape: tuple[int, ...], channels: int) -> str | None:
     return None
 
 
-def _geometry_problem(volume: _Volume, reference_key: str, reference: _Volume) -> str | None:
+def _geometry_problem(volume: Volume, reference_key: str, reference: Volume) -> str | None:
     """How the spatial shape, voxel spacing or affine of ``volume`` differs from that of ``reference``."""
     if volume.shape[:3] != reference.shape[:3]:
         return f"spatial shape {volume.shape[:3]} differs from {reference_key} shape {reference.shape[:3]}"
@@ -199,14 +272,14 @@ def _case_file_problems(
     unless that is unreadable.
     """
     problems = []
-    reference: tuple[str, _Volume] | None = None
+    reference: tuple[str, Volume] | None = None
     for key, name in paths.items():
         prefix, path = f"{where}: {key} {name}", dataset_dir / name
         if not path.exists():
             problems.append(f"{prefix} not found (looked for {path})")
             continue
         try:
-            volume = _read(path, with_data=key != "image")
+            volume = read_volume(path, with_data=key != "image")
         except Exception as error:  # any library error of one file becomes a problem of that file
             problems.append(f"{prefix} cannot be read ({_brief(error)})")
             continue
@@ -381,7 +454,7 @@ def check_before_training(datalist: str | Path, dataset_dir: str | Path, num_cla
     logger.info(f"datalist {datalist} OK: {_summary(counts)}")
 
 
-class ConfigError(ValueError):
+class ConfigError(BundleInputError):
     """Training settings with a wrong type or out of range; ``problems`` lists each with value and range."""
 
     def __init__(self, problems: list[str]) -> None:
