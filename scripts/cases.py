@@ -1,21 +1,52 @@
-"""Case lists that config overrides train on, as named functions rather than comprehensions inside JSON strings:
-the clean-label upper bound (``configs/train_clean_labels.json``) and the meta cases a MONAI Label user names
-(``configs/train_monailabel.json``). The configs call them as ``_target_`` components."""
+"""Case lists that configs run on, as named functions rather than comprehensions inside JSON strings: the
+clean-label upper bound (``configs/train_clean_labels.json``), the meta cases a MONAI Label user names
+(``configs/train_monailabel.json``), the images of an inference folder (``configs/inference.json``) and the check
+of the evaluation split (``configs/evaluate.json``). The configs call them as ``_target_`` components; the last two
+refuse bad inputs, all problems at once, before any case is segmented or scored."""
 
 from __future__ import annotations
 
+import difflib
+import json
 import logging
+import os
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from monai.data import load_decathlon_datalist
+from monai.data import FolderLayout, load_decathlon_datalist
 
-__all__ = ["case_id", "cases_by_id", "clean_label_cases"]
+from scripts.checks import (
+    MAX_LISTED,
+    BundleInputError,
+    DatalistError,
+    brief_error,
+    channel_problem,
+    load_datalist,
+    output_dir_problem,
+    read_volume,
+    validate_datalist,
+)
+from scripts.utils import as_flag
+
+__all__ = [
+    "EvaluationDataError",
+    "InferenceInputError",
+    "case_id",
+    "cases_by_id",
+    "check_eval_data",
+    "clean_label_cases",
+    "inference_cases",
+    "prediction_path",
+]
 
 logger = logging.getLogger(__name__)
 
 # suffixes that compress a format's own (``.nii.gz``): the id drops both
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
+# the 3D image files inference segments: those MONAI's LoadImage reads with nibabel (NIfTI) or ITK (NRRD, MetaImage);
+# other files of the input folder (notes, the ``.raw`` data of an ``.mhd`` header, hidden files) are ignored
+INFERENCE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 def clean_label_cases(datalist: str, base_dir: str, split: str = "training") -> list[dict]:
@@ -53,3 +84,219 @@ def cases_by_id(cases: Iterable[dict], ids: str | Sequence[str]) -> list[dict]:
     if unmatched:
         logger.warning(f"case ids {unmatched} match no labelled case (ids are image file names without extension)")
     return selected
+
+
+class InferenceInputError(BundleInputError):
+    """The input or output folder of inference cannot be used; ``problems`` lists every problem found."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("inference input check failed:\n" + "\n".join(self.problems))
+
+
+class EvaluationDataError(BundleInputError):
+    """The evaluation split of a datalist, or a file it names, cannot be scored; ``problems`` lists every problem."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("evaluation data check failed:\n" + "\n".join(self.problems))
+
+
+def _listing(names: Sequence[str]) -> str:
+    """The first :py:data:`scripts.checks.MAX_LISTED` of ``names``, comma-separated, with the count if cut."""
+    return ", ".join(names[:MAX_LISTED]) + (f", ... ({len(names)} in all)" if len(names) > MAX_LISTED else "")
+
+
+def _missing_folder_problem(input_dir: Path) -> str | None:
+    """Why ``input_dir`` is not a folder that can be listed (with the closest sibling folder name for a typo)."""
+    if input_dir.is_dir():
+        try:
+            next(iter(os.scandir(input_dir)), None)
+        except OSError as error:
+            return f"input folder {input_dir} cannot be listed ({brief_error(error)})"
+        return None
+    if input_dir.exists():
+        return f"input folder {input_dir} is a file, not a folder of images"
+    hint = ""
+    try:
+        siblings = [p.name for p in input_dir.parent.iterdir() if p.is_dir()]
+        close = difflib.get_close_matches(input_dir.name, siblings, n=1)
+        hint = f"; did you mean {input_dir.parent / close[0]}?" if close else ""
+    except OSError:
+        pass
+    return f"input folder {input_dir} does not exist{hint}"
+
+
+def _is_image(path: Path) -> bool:
+    """Whether ``path`` is a file inference segments: a visible file with one of :py:data:`INFERENCE_SUFFIXES`."""
+    return not path.name.startswith(".") and path.name.lower().endswith(INFERENCE_SUFFIXES) and path.is_file()
+
+
+def _no_image_problem(input_dir: Path, entries: Sequence[Path]) -> str:
+    """The problem of an input folder without images: that it is empty, or what it holds instead."""
+    looked_for = "/".join(INFERENCE_SUFFIXES)
+    if not entries:
+        return f"input folder {input_dir} is empty: no image ({looked_for}) to segment"
+    names = sorted(p.name + "/" * p.is_dir() for p in entries)
+    return f"input folder {input_dir} holds no image ({looked_for}) to segment, only: {_listing(names)}"
+
+
+def prediction_path(
+    image: str | Path, output_dir: str | Path, output_postfix: str = "seg", output_ext: str = ".nii.gz"
+) -> Path:
+    """Where ``SaveImaged`` (``separate_folder=False``) writes the prediction of ``image``: MONAI's own
+    ``FolderLayout`` naming, ``<output_dir>/<stem>_<postfix><ext>`` with ``.nii.gz`` counting as one extension."""
+    layout = FolderLayout(output_dir, postfix=output_postfix, extension=output_ext, parent=False, makedirs=False)
+    return Path(layout.filename(subject=str(image)))
+
+
+def _output_problems(input_dir: Path, output_dir: Path, image: Path, output_postfix: str, output_ext: str) -> list[str]:
+    """Why predictions cannot go into ``output_dir``: it is (inside) the input folder, a file, or not writable.
+    ``image`` is one input, to show what the next run would make of its prediction."""
+    output, input_ = output_dir.resolve(), input_dir.resolve()
+    if output == input_ or input_ in output.parents:
+        where = "the input folder" if output == input_ else f"inside the input folder {input_dir}"
+        prediction = prediction_path(image, output_dir, output_postfix, output_ext)
+        again = prediction_path(prediction, output_dir, output_postfix, output_ext).name
+        return [
+            f"output_dir {output_dir} is {where}: the predictions would be written among the images, and the next "
+            f"run would segment them as images ({prediction.name} -> {again}); choose an --output_dir outside "
+            f"{input_dir}"
+        ]
+    problem = output_dir_problem("output_dir", output_dir, min_free_mb=0)
+    return [problem] if problem else []
+
+
+def _duplicate_problems(outputs: dict[Path, Path]) -> list[str]:
+    """Inputs that would write the same prediction (``case.nii`` and ``case.nii.gz``): one would overwrite the other."""
+    by_output: dict[Path, list[Path]] = {}
+    for image, output in outputs.items():
+        by_output.setdefault(output, []).append(image)
+    return [
+        f"{' and '.join(str(image) for image in images)} would both be written as {output.name}; keep one of them "
+        "in the input folder"
+        for output, images in by_output.items()
+        if len(images) > 1
+    ]
+
+
+def _existing_problem(output_dir: Path, outputs: Sequence[Path]) -> str | None:
+    """The predictions of this run that ``output_dir`` already holds, which it would overwrite."""
+    existing = sorted(output.name for output in dict.fromkeys(outputs) if os.path.lexists(output))
+    if not existing:
+        return None
+    return (
+        f"output_dir {output_dir} already holds {len(existing)} prediction(s) this run would overwrite: "
+        f"{_listing(existing)}; pass --overwrite true to replace them, or choose another --output_dir"
+    )
+
+
+def _image_problem(path: Path, image_channels: int) -> str | None:
+    """Why ``path`` is not a readable 3D image with ``image_channels`` channels (NIfTI: header and file size only)."""
+    try:
+        volume = read_volume(path, with_data=False)
+    except Exception as error:  # any library error of one file becomes a problem of that file
+        return f"{path} cannot be read ({brief_error(error)})"
+    problem = channel_problem(volume.shape, image_channels)
+    return f"{path} {problem}" if problem else None
+
+
+def inference_cases(
+    input_dir: str | Path,
+    output_dir: str | Path,
+    output_postfix: str = "seg",
+    overwrite: bool | str = False,
+    image_channels: int = 1,
+    output_ext: str = ".nii.gz",
+) -> list[dict[str, str]]:
+    """
+    The images of ``input_dir`` to segment, as the datalist ``[{"image": path}, ...]`` of ``configs/inference.json``,
+    after checking every one of them and the output folder, so that a bad input stops the run before any case is
+    segmented rather than after some, with a traceback that does not name the file.
+
+    Images are the visible files with one of :py:data:`INFERENCE_SUFFIXES` (case-insensitive), sorted by name; other
+    files are ignored. The problems, all reported at once: ``input_dir`` missing (with the closest folder name),
+    empty or without images (saying what it holds); ``output_dir`` equal to or inside ``input_dir`` (the predictions
+    would be segmented by the next run), a file, or not writable; two images giving the same prediction name
+    (``case.nii`` and ``case.nii.gz``); predictions of this run already in ``output_dir``, unless ``overwrite``;
+    images that cannot be read (NIfTI truncation included) or are not 3D with ``image_channels`` channels.
+
+    Args:
+        input_dir: folder of the images (``dataset_dir`` of ``configs/inference.json``).
+        output_dir: folder of the predictions.
+        output_postfix: ``SaveImaged``'s ``output_postfix``: a prediction is ``<stem>_<postfix><output_ext>``.
+        overwrite: whether to replace existing predictions; a bool, or ``"true"``/``"false"`` from the command line.
+        image_channels: number of image channels the network takes.
+        output_ext: ``SaveImaged``'s ``output_ext``.
+
+    Raises:
+        InferenceInputError: listing every problem, one per line, each naming its folder or file.
+    """
+    try:
+        overwrite = as_flag("overwrite", overwrite)
+    except BundleInputError as error:
+        raise InferenceInputError([str(error).rstrip(".")]) from None
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    problem = _missing_folder_problem(input_dir)
+    if problem:
+        raise InferenceInputError([problem])
+    entries = sorted(p for p in input_dir.iterdir() if not p.name.startswith("."))
+    images = [p for p in entries if _is_image(p)]
+    if not images:
+        raise InferenceInputError([_no_image_problem(input_dir, entries)])
+    outputs = {image: prediction_path(image, output_dir, output_postfix, output_ext) for image in images}
+    problems = _output_problems(input_dir, output_dir, images[0], output_postfix, output_ext)
+    if not problems and not overwrite:
+        problems.append(_existing_problem(output_dir, list(outputs.values())))
+    problems += _duplicate_problems(outputs)
+    problems += [_image_problem(image, image_channels) for image in images]
+    problems = [problem for problem in problems if problem]
+    if problems:
+        raise InferenceInputError(problems)
+    suffix = f"_{output_postfix}"
+    looks_predicted = [image.name for image in images if output_postfix and case_id(str(image)).endswith(suffix)]
+    if looks_predicted:
+        logger.warning(f"inputs that look like predictions of an earlier run are segmented too: {looks_predicted}")
+    replaced = sum(os.path.lexists(output) for output in outputs.values())
+    logger.info(
+        f"inference: {len(images)} image(s) of {input_dir} -> {output_dir}"
+        + (f", replacing {replaced} existing prediction(s)" if replaced else "")
+    )
+    return [{"image": str(image)} for image in images]
+
+
+def check_eval_data(
+    datalist: str | Path,
+    dataset_dir: str | Path | None = None,
+    split: str = "test",
+    num_classes: int = 3,
+    image_channels: int = 1,
+) -> dict[str, int]:
+    """
+    Check the evaluation split of a datalist and its files before any case is scored (``check_eval_data``, the
+    first step of ``configs/evaluate.json``): :py:func:`scripts.checks.validate_datalist` on ``split`` alone, which
+    must be non-empty and labelled, with label values in ``0..num_classes-1`` and labels on their image's grid.
+    The other splits are not read: evaluation does not use them.
+
+    Returns:
+        ``{split: number of cases}``.
+
+    Raises:
+        EvaluationDataError: listing every problem, one per line, each naming its case and file.
+    """
+    path = Path(datalist)
+    content = load_datalist(path)
+    subset = {split: content[split]} if split in content else {}
+    dataset_dir = path.parent if dataset_dir is None else Path(dataset_dir)
+    with tempfile.TemporaryDirectory() as folder:
+        only_split = Path(folder) / path.name
+        only_split.write_text(json.dumps(subset))
+        try:
+            counts = validate_datalist(
+                only_split, dataset_dir, num_classes, [split], [split], image_channels=image_channels
+            )
+        except DatalistError as error:  # split-level problems are named after the real datalist, not the copy
+            problems = [f"{path}: {p}" if p.startswith("split ") else p for p in error.problems]
+            raise EvaluationDataError(problems) from None
+    logger.info(f"evaluation datalist {datalist} OK: {split}={counts[split]}")
+    return counts

@@ -1,10 +1,12 @@
-"""Safe training checkpoints: atomic, rotating, complete enough to resume a run exactly, and a resume path
-that skips a damaged newest file instead of failing or silently starting over."""
+"""Safe training checkpoints: atomic, rotating (also across resumes), complete enough to resume a run exactly
+(including the best validation score so far), and a resume path that skips a damaged newest file instead of
+failing or silently starting over."""
 
 from __future__ import annotations
 
 import logging
 import random
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,12 +16,16 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
+from monai.handlers import CheckpointSaver
 from monai.transforms import Compose, Randomizable
+
+from scripts.utils import as_flag
 
 logger = logging.getLogger(__name__)
 
 EPOCH_PATTERN = "checkpoint_epoch={global_step}.pt"
 FINAL_NAME = "checkpoint_final.pt"
+EPOCH_FILE = re.compile(r"checkpoint_epoch=\d+\.pt")
 
 
 def _numpy_state_to_tensors(state: tuple) -> dict[str, Any]:
@@ -82,6 +88,62 @@ class RNGState:
             transform.R.set_state(_numpy_state_from_tensors(transform_state))
 
 
+class KeyMetricState:
+    """The best-so-far of the validation ``CheckpointSaver`` s that save on the key metric (``model.pt``,
+    ``meta_network.pt``), as a checkpointable object for the training checkpoint's ``save_dict``.
+
+    Its state is each saver's ignite ``Checkpoint`` state (the saved ``(score, filename)`` list), by the file the
+    saver writes, and the best metric and its epoch that ``evaluator`` logs. Loaded on resume, it makes the savers
+    replace their file only on a better score than the best before the resume. An entry whose file is not in the
+    saver's folder (a resume into another folder) is dropped, so that the resumed run writes one there.
+    """
+
+    def __init__(self, handlers: Sequence[Any] | None = (), evaluator: Engine | None = None) -> None:
+        self.savers: dict[str, Checkpoint] = {}
+        for index, handler in enumerate(handlers or ()):
+            # MONAI keeps the key-metric tracking of a saver in this ignite Checkpoint (CheckpointSaver.load_state_dict)
+            checkpoint = getattr(handler, "_key_metric_checkpoint", None)
+            if isinstance(handler, CheckpointSaver) and checkpoint is not None:
+                name = getattr(checkpoint.save_handler, "filename", None) or f"key_metric_{index}"
+                self.savers[name] = checkpoint
+            elif isinstance(handler, CheckpointSaver) and not hasattr(handler, "_key_metric_checkpoint"):
+                logger.warning(
+                    "this MONAI's CheckpointSaver keeps no _key_metric_checkpoint: the best score is not kept across "
+                    "resumes, so a resumed run replaces model.pt at its first validation"
+                )
+        self.evaluator = evaluator
+
+    def state_dict(self) -> dict[str, Any]:
+        # plain floats, ints and strings, so that the checkpoint loads with weights_only=True
+        state: dict[str, Any] = {}
+        for name, checkpoint in self.savers.items():
+            state[name] = {"_saved": [(float(score), str(file)) for score, file in checkpoint.state_dict()["_saved"]]}
+        if self.evaluator is not None and hasattr(self.evaluator.state, "best_metric"):
+            best = self.evaluator.state
+            state["evaluator"] = {
+                "best_metric": float(best.best_metric),
+                "best_metric_epoch": int(best.best_metric_epoch),
+            }
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        kept_any = False
+        for name, checkpoint in self.savers.items():
+            if name not in state:
+                logger.warning(f"the checkpoint holds no best score for {name}: its first validation will save one")
+                continue
+            folder = Path(getattr(checkpoint.save_handler, "dirname", "."))
+            on_disk = getattr(checkpoint.save_handler, "filename", None)
+            kept = [(p, f) for p, f in state[name]["_saved"] if (folder / (on_disk or f)).is_file()]
+            checkpoint.load_state_dict({"_saved": kept})
+            for priority, _ in kept:
+                logger.info(f"{folder / (on_disk or name)} keeps its best score {priority:.4f} from before the resume")
+            kept_any = kept_any or bool(kept)
+        if self.evaluator is not None and kept_any and "evaluator" in state:
+            self.evaluator.state.best_metric = state["evaluator"]["best_metric"]
+            self.evaluator.state.best_metric_epoch = state["evaluator"]["best_metric_epoch"]
+
+
 class TrainingCheckpointer:
     """Save ``save_dict`` atomically (a temporary file, then a rename) every ``save_interval`` epochs as
     ``checkpoint_epoch=N.pt``, keeping the newest ``n_saved``, and as ``checkpoint_final.pt`` at the end.
@@ -89,15 +151,29 @@ class TrainingCheckpointer:
     A run killed at any moment leaves only complete checkpoints under these names. Entries that are None
     (such as the AMP gradient scaler of a run without AMP, or the meta network and its optimizer, which the
     baselines set to null) are left out; ``save_dict`` is what a ``CheckpointLoader`` should load into.
+    When the run resumes from ``resume_path`` in ``save_dir``, the rotation goes on with the newest ``n_saved``
+    epoch checkpoints there up to the resumed epoch, so that no more than ``n_saved`` remain. A fresh run with
+    ``overwrite`` (a start-over, which ``scripts.outputs.check_training_outputs`` allowed) deletes the earlier
+    run's checkpoints in ``save_dir`` when training starts: after the data are loaded and checked.
     """
 
-    def __init__(self, save_dir: str, save_dict: dict, n_saved: int = 2, save_interval: int = 1) -> None:
+    def __init__(
+        self,
+        save_dir: str,
+        save_dict: dict,
+        n_saved: int = 2,
+        save_interval: int = 1,
+        resume_path: str = "",
+        overwrite: bool | str = False,
+    ) -> None:
         if n_saved < 1 or save_interval < 1:
             raise ValueError(f"n_saved and save_interval must be >= 1, got {n_saved} and {save_interval}.")
         self.save_dir = save_dir
         self.save_dict = {name: obj for name, obj in save_dict.items() if obj is not None}
         self.n_saved = n_saved
         self.save_interval = save_interval
+        self.resume_path = str(resume_path or "")
+        self.overwrite = as_flag("overwrite", overwrite)
 
     def _checkpoint(self, pattern: str, n_saved: int) -> Checkpoint:
         return Checkpoint(
@@ -109,17 +185,51 @@ class TrainingCheckpointer:
         )
 
     def attach(self, engine: Engine) -> None:
+        epochs = self._checkpoint(EPOCH_PATTERN, self.n_saved)
+        engine.add_event_handler(Events.STARTED, lambda e: self._continue_rotation(epochs, e.state.epoch))
+        if self.overwrite and not self.resume_path and idist.get_rank() == 0:
+            engine.add_event_handler(Events.STARTED, lambda _: self._delete_earlier_run())
         for event, checkpoint in (
-            (Events.EPOCH_COMPLETED(every=self.save_interval), self._checkpoint(EPOCH_PATTERN, self.n_saved)),
+            (Events.EPOCH_COMPLETED(every=self.save_interval), epochs),
             (Events.COMPLETED, self._checkpoint(FINAL_NAME, 1)),
         ):
             engine.add_event_handler(event, checkpoint)
             if idist.get_rank() == 0:  # the rank that writes
                 engine.add_event_handler(event, lambda _, c=checkpoint: self._log_saved(c))
 
+    def _continue_rotation(self, checkpoint: Checkpoint, epoch: int) -> None:
+        """Let ``checkpoint`` rotate the epoch checkpoints written before a resume at ``epoch``: those in
+        ``save_dir`` if the resumed file is there, up to ``epoch``, the newest ``n_saved`` of them."""
+        folder = Path(self.save_dir)
+        if epoch < 1 or not self.resume_path or Path(self.resume_path).resolve().parent != folder.resolve():
+            return
+        earlier = []
+        for path in folder.glob("checkpoint_epoch=*.pt"):
+            number = path.name[len("checkpoint_epoch=") : -len(".pt")]
+            if number.isdigit() and int(number) <= epoch:
+                earlier.append((int(number), path.name))
+        earlier = sorted(earlier)[-self.n_saved :]
+        checkpoint.load_state_dict({"_saved": earlier})
+        if earlier:
+            logger.info(f"checkpoint rotation continues with {', '.join(name for _, name in earlier)} in {folder}")
+
+    def _delete_earlier_run(self) -> None:
+        """Delete the checkpoints an earlier run left in ``save_dir``, so that none lingers beside this run's."""
+        for path in run_files(self.save_dir):
+            path.unlink(missing_ok=True)
+            logger.info(f"overwrite: deleted the earlier run's checkpoint {path}")
+
     def _log_saved(self, checkpoint: Checkpoint) -> None:
         """Log the path of the file ``checkpoint`` has just written."""
         logger.info(f"saved checkpoint {Path(self.save_dir) / checkpoint.last_checkpoint}")
+
+
+def run_files(ckpt_dir: str | Path) -> list[Path]:
+    """The training checkpoints in ``ckpt_dir``: ``checkpoint_epoch=N.pt`` and ``checkpoint_final.pt``."""
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and (EPOCH_FILE.fullmatch(p.name) or p.name == FINAL_NAME))
 
 
 def _saved_epoch(checkpoint: Mapping[str, Any]) -> int | None:

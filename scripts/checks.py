@@ -14,7 +14,11 @@ Usage from the bundle root::
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
 import gzip
+import hashlib
+import inspect
 import json
 import logging
 import os
@@ -32,9 +36,27 @@ from monai.config import KeysCollection
 from monai.transforms import LoadImage, MapTransform
 
 from scripts.options import option_problems
-from scripts.utils import SPLITS, number_problem
+from scripts.utils import SPLITS, BundleInputError, number_problem
 
-__all__ = ["ConfigError", "DatalistError", "check_before_training", "check_training_config", "validate_datalist"]
+__all__ = [
+    "BundleInputError",
+    "CheckImaged",
+    "ConfigError",
+    "DatalistError",
+    "OverrideError",
+    "brief_error",
+    "bundle_error",
+    "channel_problem",
+    "check_before_training",
+    "check_override_keys",
+    "check_training_config",
+    "install_excepthook",
+    "load_datalist",
+    "output_dir_problem",
+    "override_problems",
+    "read_volume",
+    "validate_datalist",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -46,43 +68,59 @@ AFFINE_ATOL = 1e-3
 REQUIRED_BECAUSE = {
     "training": "at least one training case is needed",
     "meta": "MCPM needs at least one clean meta case to learn the voxel weights from",
+    "validation": "the best model.pt is chosen on the validation cases: without one no model.pt would be saved",
 }
 MAX_LISTED = 8
 MAX_MESSAGE = 200
 
 
-class BundleInputError(ValueError):
-    """An input or setting the bundle refuses before long work starts. Its message is printed last when a
-    ``python -m monai.bundle`` command stops on it (:py:func:`install_excepthook`), so that it does not hide above
-    MONAI's "Failed to instantiate component" traceback."""
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-def _input_error(error: BaseException | None) -> BundleInputError | None:
-    """The :py:class:`BundleInputError` that ``error`` is, or was raised from (its cause or context chain)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
+def _raised_here(error: BaseException) -> bool:
+    """Whether ``error`` was raised by this bundle's own code (the last frame of its traceback is in ``scripts``)."""
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and PACKAGE_DIR in Path(frame.tb_frame.f_code.co_filename).resolve().parents
+
+
+def bundle_error(error: BaseException | None) -> BaseException | None:
+    """The bundle's own error behind ``error`` (its cause or context chain): a :py:class:`BundleInputError`, or
+    else the first cause that the bundle's code raised (a missing resume checkpoint, too many non-finite steps),
+    whose message is meant for the user as well."""
+    chain: list[BaseException] = []
+    while error is not None and all(error is not e for e in chain):
         if isinstance(error, BundleInputError):
             return error
-        seen.add(id(error))
+        chain.append(error)
         error = error.__cause__ or error.__context__
-    return None
+    return next((e for e in chain if _raised_here(e)), None)
 
 
 def _excepthook(kind: type[BaseException], error: BaseException, traceback: Any) -> None:
-    """Print the traceback as Python does, then the bundle's own message again as the last lines."""
+    """Print the traceback as Python does, then the bundle's own message again as the last lines, and exit 1."""
     _previous_excepthook(kind, error, traceback)
-    cause = _input_error(error)
-    if cause is not None and cause is not error:
+    cause = bundle_error(error)
+    if cause is None:
+        return
+    if cause is not error:
         print(f"\nerror: {cause}", file=sys.stderr)
+    # end here: at interpreter shutdown, threads of native libraries can print after the message (seen:
+    # "terminate called without an active exception"), and nothing started by then needs a clean exit
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 _previous_excepthook = sys.excepthook
 
 
 def install_excepthook() -> None:
-    """Make an uncaught :py:class:`BundleInputError` (also one wrapped by MONAI's config parser) the last thing a
-    command prints; the exit status stays 1. Installed when this module is imported, which every bundle config
-    does through its checks; calling it again does nothing."""
+    """Make the message of an uncaught :py:class:`BundleInputError`, or of another error the bundle's code raised
+    (also one wrapped by MONAI's config parser), the last thing a command prints; the exit status is 1.
+    Installed when this module is imported, which every bundle config does through its checks; calling it again
+    does nothing."""
     if sys.excepthook is not _excepthook:
         global _previous_excepthook
         _previous_excepthook = sys.excepthook
@@ -109,7 +147,7 @@ class Volume:
     data: np.ndarray | None = None
 
 
-def _brief(error: Exception) -> str:
+def brief_error(error: Exception) -> str:
     """First line of a library's error message, shortened, with the exception type."""
     lines = str(error).strip().splitlines() or [""]
     message = lines[0] if len(lines[0]) <= MAX_MESSAGE else lines[0][:MAX_MESSAGE] + "..."
@@ -189,7 +227,7 @@ class CheckImaged(MapTransform):
         for key in self.key_iterator(d):
             image = torch.as_tensor(d[key])
             name = getattr(d[key], "meta", {}).get("filename_or_obj", f"the {key!r} of a case")
-            bad = int((~torch.isfinite(image)).sum()) + int((image.abs() > OVERFLOW).sum())
+            bad = int((~(torch.isfinite(image) & (image.abs() <= OVERFLOW))).sum())
             if bad:
                 raise BundleInputError(
                     f"{name}: {bad} of {image.numel()} voxels are NaN, infinite or beyond +-{OVERFLOW:g}; "
@@ -202,7 +240,7 @@ class CheckImaged(MapTransform):
         return d
 
 
-def _channel_problem(shape: tuple[int, ...], channels: int) -> str | None:
+def channel_problem(shape: tuple[int, ...], channels: int) -> str | None:
     """
     Why ``shape`` is not a 3D volume with ``channels`` channels: ``(X, Y, Z)`` stands for one channel and
     ``(X, Y, Z, C)`` has the channels last, as NIfTI and ITK store them.
@@ -281,9 +319,9 @@ def _case_file_problems(
         try:
             volume = read_volume(path, with_data=key != "image")
         except Exception as error:  # any library error of one file becomes a problem of that file
-            problems.append(f"{prefix} cannot be read ({_brief(error)})")
+            problems.append(f"{prefix} cannot be read ({brief_error(error)})")
             continue
-        shape_problem = _channel_problem(volume.shape, image_channels if key == "image" else 1)
+        shape_problem = channel_problem(volume.shape, image_channels if key == "image" else 1)
         if shape_problem:
             problems.append(f"{prefix} {shape_problem}")
             continue
@@ -351,7 +389,37 @@ def _overlap_problem(where: str, split: str, index: int, image: Path, seen: dict
     return f"{where}: image also listed as {first}; a case must belong to one split only (data leakage)"
 
 
-def _load_json(path: Path) -> dict:
+def _file_digest(path: Path) -> str:
+    """SHA-256 of the bytes of ``path``."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _copy_problems(listed: Mapping[Path, str]) -> list[str]:
+    """Images listed under different paths whose files are byte-identical copies (a case copied into another
+    split is leakage just as a symlink is). Only files of equal size are read, so this costs nothing for
+    datasets without copies."""
+    by_size: dict[int, list[Path]] = {}
+    for path in listed:
+        if path.is_file():
+            by_size.setdefault(path.stat().st_size, []).append(path)
+    problems = []
+    for paths in by_size.values():
+        first: dict[str, Path] = {}
+        for path in paths if len(paths) > 1 else []:
+            original = first.setdefault(_file_digest(path), path)
+            if original != path:
+                problems.append(
+                    f"{listed[path]}: image is a copy of {listed[original]} (identical bytes); a case must belong "
+                    "to one split only (data leakage)"
+                )
+    return problems
+
+
+def load_datalist(path: Path) -> dict:
     """The datalist as a dict; raise :py:class:`DatalistError` with a single problem if it cannot be."""
     try:
         content = json.loads(path.read_text())
@@ -360,7 +428,7 @@ def _load_json(path: Path) -> dict:
     except json.JSONDecodeError as error:
         raise DatalistError([f"datalist {path} is not valid JSON ({error})"]) from error
     except (OSError, UnicodeDecodeError) as error:
-        raise DatalistError([f"datalist {path} cannot be read ({_brief(error)})"]) from error
+        raise DatalistError([f"datalist {path} cannot be read ({brief_error(error)})"]) from error
     if not isinstance(content, dict):
         raise DatalistError([f"datalist {path} holds {_json(content)}, expected a JSON object of splits"])
     return content
@@ -408,13 +476,14 @@ def validate_datalist(
         DatalistError: listing every problem, one per line, when any is not a warning.
     """
     path = Path(datalist)
-    content = _load_json(path)
+    content = load_datalist(path)
     dataset_dir = path.parent if dataset_dir is None else Path(dataset_dir)
     if check_files and not dataset_dir.is_dir():
         raise DatalistError([f"dataset_dir {dataset_dir} is not a directory"])
     problems: list[str] = []
     counts: dict[str, int] = {}
     seen: dict[Path, tuple[str, int]] = {}
+    listed: dict[Path, str] = {}
     for split in dict.fromkeys([*SPLITS, *splits_required, *label_required_splits]):
         entries, split_problems = _split_entries(content, split, split in splits_required)
         problems += split_problems
@@ -427,10 +496,14 @@ def validate_datalist(
             paths, entry_problems = _entry_paths(where, entry, split in label_required_splits)
             problems += entry_problems
             if "image" in paths:
-                image_path = Path(os.path.abspath(dataset_dir / paths["image"]))
+                # the real path, so that a symlink to a case of another split is the same case
+                image_path = Path(os.path.realpath(dataset_dir / paths["image"]))
                 problems.append(_overlap_problem(where, split, index, image_path, seen))
+                listed.setdefault(image_path, where)
             if check_files:
                 problems += _case_file_problems(where, split, paths, dataset_dir, num_classes, image_channels)
+    if check_files:
+        problems += _copy_problems(listed)
     problems = [problem for problem in problems if problem]
     if any(not problem.startswith(WARNING) for problem in problems):
         raise DatalistError(problems)
@@ -450,7 +523,7 @@ def check_before_training(datalist: str | Path, dataset_dir: str | Path, num_cla
     a ``_target_`` component, so that ``scripts`` is importable from any folder), so that a broken dataset stops
     the run before any training. Raises :py:class:`DatalistError` listing the problems.
     """
-    counts = validate_datalist(datalist, dataset_dir, num_classes)
+    counts = validate_datalist(datalist, dataset_dir, num_classes, splits_required=("training", "meta", "validation"))
     logger.info(f"datalist {datalist} OK: {_summary(counts)}")
 
 
@@ -462,7 +535,7 @@ class ConfigError(BundleInputError):
         self.problems = problems
 
 
-def _output_dir_problem(name: str, folder: str | Path, min_free_mb: float) -> str | None:
+def output_dir_problem(name: str, folder: str | Path, min_free_mb: float) -> str | None:
     """Whether ``folder`` (or its nearest existing parent, as it may not exist yet) is writable with room."""
     existing = Path(folder).absolute()
     while not existing.exists():
@@ -493,13 +566,21 @@ def check_training_config(
     mcpm: Mapping[str, object] | None = None,
     output_dirs: Mapping[str, str] | None = None,
     min_free_mb: float = 200.0,
+    amp: bool = False,
+    device: torch.device | str = "cpu",
 ) -> None:
     """Check the training settings of ``configs/train.json`` before anything runs, all at once.
 
     ``mcpm`` is the config's ``mcpm`` section, checked against the options of ``scripts/options.py`` (an unknown
     key there is reported: it is most likely a typo); ``output_dirs`` maps config keys to folders that must be
-    writable, with ``min_free_mb`` free. Raises :py:class:`ConfigError` listing every problem.
+    writable, with ``min_free_mb`` free. ``amp`` on a device other than CUDA is warned about: the trainers
+    autocast on CUDA only, so such a run trains in float32. Raises :py:class:`ConfigError` listing every problem.
     """
+    if amp and torch.device(device).type != "cuda":
+        logger.warning(
+            f"amp is true but the device is {device}: mixed precision is used on CUDA only, so this run "
+            "trains in float32"
+        )
     epochs_problem = number_problem("epochs", epochs, 1, integer=True)
     interval_problem = number_problem("val_interval", val_interval, 1, integer=True)
     problems = [
@@ -533,10 +614,121 @@ def check_training_config(
         )
     if mcpm is not None:
         problems += option_problems(mcpm, section="mcpm")
-    problems += [_output_dir_problem(name, folder, min_free_mb) for name, folder in (output_dirs or {}).items()]
+    problems += [output_dir_problem(name, folder, min_free_mb) for name, folder in (output_dirs or {}).items()]
     problems = [problem for problem in problems if problem]
     if problems:
         raise ConfigError(problems)
+
+
+class OverrideError(BundleInputError):
+    """Command-line overrides of keys that no loaded config file defines: MONAI would add them unused."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(
+            "override check failed: an override must name a key that a config file defines (MONAI would add an "
+            "unknown one unused):\n" + "\n".join(f"  {p}" for p in problems)
+        )
+        self.problems = problems
+
+
+def _raw_overrides(argv: Sequence[str]) -> dict[str, str]:
+    """``--key value`` and ``--key=value`` pairs of a ``python -m monai.bundle`` command line, as given."""
+    found: dict[str, str] = {}
+    tokens = list(argv)
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        if token.startswith("--") and len(token) > 2:
+            key, has_value, value = token[2:].partition("=")
+            if not has_value and index + 1 < len(tokens) and not tokens[index + 1].startswith("--"):
+                index += 1
+                value = tokens[index]
+            found[key.replace("::", "#")] = value
+        index += 1
+    return found
+
+
+def _file_list(value: str) -> list[str]:
+    """The config files of ``--config_file``: one path, a Python list literal, or comma-separated paths."""
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value
+    if isinstance(parsed, (list, tuple)):
+        return [str(item) for item in parsed]
+    return [part for part in str(parsed).split(",") if part]
+
+
+def _config_keys(config: Any, prefix: str = "") -> tuple[set[str], set[str]]:
+    """Every key path of ``config`` (``train#dataset#data``, list items by index) and the paths of its components
+    (dicts with a ``_target_``, whose arguments an override may add)."""
+    keys: set[str] = set()
+    components: set[str] = set()
+    if isinstance(config, Mapping):
+        if "_target_" in config:
+            components.add(prefix.rstrip("#"))
+        items: Any = config.items()
+    elif isinstance(config, list):
+        items = enumerate(config)
+    else:
+        return keys, components
+    for name, value in items:
+        path = f"{prefix}{name}"
+        keys.add(path)
+        sub_keys, sub_components = _config_keys(value, f"{path}#")
+        keys |= sub_keys
+        components |= sub_components
+    return keys, components
+
+
+def override_problems(argv: Sequence[str]) -> list[str]:
+    """The overrides on the ``monai.bundle`` command line ``argv`` (without the program) whose key no config file
+    of ``--config_file`` (nor ``--args_file``) defines, each with the closest known keys. Known as well: the
+    arguments of ``monai.bundle run``, the settings ``--tracking`` adds, ``_meta_`` keys, and new arguments of a
+    component (a dict with ``_target_``), which MONAI passes to its constructor, so that a wrong one fails there."""
+    from monai.bundle import ConfigParser
+    from monai.bundle.scripts import run
+    from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
+
+    raw = _raw_overrides(argv)
+    if "args_file" in raw:
+        args = ConfigParser.load_config_file(raw["args_file"])
+        raw = {**{str(k): str(v) for k, v in args.items()}, **raw}
+    run_arguments = set(inspect.signature(run).parameters) - {"override"}
+    keys: set[str] = set(DEFAULT_MLFLOW_SETTINGS["configs"])
+    components: set[str] = set()
+    files = _file_list(raw.get("config_file", ""))
+    for file in files:
+        file_keys, file_components = _config_keys(ConfigParser.load_config_file(file))
+        keys |= file_keys
+        components |= file_components
+    problems = []
+    for key in raw:
+        parent = key.rsplit("#", 1)[0] if "#" in key else None
+        if key in run_arguments or key in keys or key.split("#")[0] == "_meta_" or parent in components:
+            continue
+        close = difflib.get_close_matches(key, sorted(keys | run_arguments), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
+        problems.append(f"--{key}: no key of that name in {', '.join(files) or 'the config files'}{hint}")
+    return problems
+
+
+def _started_as_bundle_command(argv: Sequence[str]) -> bool:
+    """Whether this process is ``python -m monai.bundle ...`` (its ``argv[0]`` is monai/bundle/__main__.py)."""
+    return bool(argv) and Path(argv[0]).parts[-3:] == ("monai", "bundle", "__main__.py")
+
+
+def check_override_keys(argv: Sequence[str] | None = None) -> None:
+    """Refuse command-line overrides of unknown keys (``--epoch 2`` for ``--epochs``): MONAI adds such a key to
+    the config, where nothing reads it, and the run goes on with the default. Does nothing unless the process is
+    a ``python -m monai.bundle`` command (MONAI Label and tests that run configs in-process pass no overrides on
+    the command line). Raises :py:class:`OverrideError` listing every unknown key."""
+    argv = sys.argv if argv is None else argv
+    if not _started_as_bundle_command(argv):
+        return
+    problems = override_problems(argv[1:])
+    if problems:
+        raise OverrideError(problems)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

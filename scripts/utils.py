@@ -20,6 +20,8 @@ import numpy as np
 
 __all__ = [
     "DATALIST",
+    "BundleInputError",
+    "as_flag",
     "SPLITS",
     "atomic_path",
     "check_number",
@@ -35,6 +37,23 @@ __all__ = [
     "write_nifti",
     "write_text",
 ]
+
+
+class BundleInputError(ValueError):
+    """An input or setting the bundle refuses before long work starts. Its message is printed last when a
+    ``python -m monai.bundle`` command stops on it (``scripts.checks.install_excepthook``), so that it does not
+    hide above MONAI's "Failed to instantiate component" traceback."""
+
+
+def as_flag(name: str, value: object) -> bool:
+    """``value`` as a bool: a bool, or the text ``true``/``false`` (any case) that ``--name true`` gives on the
+    command line, where fire reads only ``True``/``False`` as booleans; a :py:class:`BundleInputError` otherwise."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise BundleInputError(f"{name} must be true or false, got {value!r}.")
+
 
 # the datalist's splits: noisy training cases, trusted (clean) meta cases, validation and test cases
 SPLITS = ("training", "meta", "validation", "test")

@@ -84,3 +84,21 @@ def dataset(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shipped_weights_untouched():
+    """No test may write into the repository's models/: the shipped weights keep the md5 in large_files.yml."""
+    import hashlib
+
+    import yaml
+
+    def md5(path: Path) -> str:
+        return hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+
+    listed = yaml.safe_load((BUNDLE_ROOT / "large_files.yml").read_text())["large_files"]
+    before = {entry["path"]: md5(BUNDLE_ROOT / entry["path"]) for entry in listed}
+    yield
+    after = {path: md5(BUNDLE_ROOT / path) for path in before}
+    assert after == before, f"a test changed the shipped weights: {before} -> {after}"
+    assert all(after[entry["path"]] == entry["hash_val"] for entry in listed), after

@@ -423,7 +423,9 @@ def lidc_tree(tmp_path_factory):
         patient = f"LIDC-IDRI-{number:04d}"
         scan = fake.add_scan(patient, [[NODULE_A, NODULE_C]])
         folder = root / patient / ("01-01-2000-NA-CT-12345/3000566.000000-NA-03192" if number == 2 else "")
-        write_series(folder, patient, scan.series_instance_uid, scan_hu([NODULE_A]))
+        hu = scan_hu([NODULE_A])
+        hu[5, 12, 2] -= number  # one background voxel apart: no two patients are byte-identical copies
+        write_series(folder, patient, scan.series_instance_uid, hu)
     return root, fake.db
 
 

@@ -1,11 +1,14 @@
 """Safe checkpoints: a run killed with SIGKILL mid-epoch resumes from its newest complete checkpoint (or the
-one before, when the newest is damaged) and ends exactly where an uninterrupted run ends."""
+one before, when the newest is damaged) and ends exactly where an uninterrupted run ends; a resumed run keeps the
+best validation score so far and rotates the checkpoints written before the resume."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
+import re
 import signal
 import subprocess
 import time
@@ -16,11 +19,16 @@ import pytest
 import torch
 from monai.transforms import Compose, RandFlipd
 
-from scripts.checkpointing import RNGState, TrainingCheckpointer, resolve_resume_path
+from scripts.checkpointing import KeyMetricState, RNGState, TrainingCheckpointer, resolve_resume_path
 from scripts.data.synthetic import generate_dataset
 from tests.conftest import BUNDLE_ROOT, CONFIGS, TINY, bundle
 
 SETTINGS = {**TINY, "epochs": 4, "val_interval": 2}  # 2 iterations per epoch; shuffling and augmentation on
+# validation scores a prediction of no foreground at all: a Dice of 0, worse than any real one
+NO_FOREGROUND = (
+    "$lambda out: ([p * 0 for p in monai.handlers.from_engine(['pred'])(out)[0]], "
+    "monai.handlers.from_engine(['label'])(out)[0])"
+)
 
 
 def train(tmp: Path, data: Path, ckpt_dir: Path, extra_config: Path | None = None, **overrides) -> subprocess.CompletedProcess:
@@ -124,3 +132,101 @@ def test_checkpointer_keeps_the_newest_and_writes_atomically(tmp_path):
     assert set(torch.load(tmp_path / "checkpoint_final.pt", weights_only=True)) == {"model", "trainer"}
     with pytest.raises(ValueError, match="n_saved"):
         TrainingCheckpointer(str(tmp_path), {"model": model}, n_saved=0)
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def resumed_worse(data, tmp_path_factory) -> dict:
+    """2 epochs validated each epoch, then a resume for a 3rd epoch whose validation scores worse than both."""
+    tmp = tmp_path_factory.mktemp("resumed_worse")
+    ckpt_dir, settings = tmp / "models", {"epochs": 2, "val_interval": 1}
+    first = train(tmp, data, ckpt_dir, **settings)
+    assert first.returncode == 0, first.stderr[-3000:]
+    scores = re.findall(r"Got new best metric of val_mean_dice: ([\d.]+)", first.stdout + first.stderr)
+    best = max(float(v) for v in scores)
+    model_md5 = _md5(ckpt_dir / "model.pt")
+    worse = tmp / "worse.json"
+    worse.write_text(json.dumps({"validate#key_metric#val_mean_dice#output_transform": NO_FOREGROUND}))
+    resumed = train(tmp, data, ckpt_dir, worse, **{**settings, "epochs": 3, "train#resume_from": "latest"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return {"ckpt_dir": ckpt_dir, "best": best, "model_md5": model_md5, "log": resumed.stdout + resumed.stderr}
+
+
+def test_resume_keeps_the_better_model_pt(resumed_worse):
+    assert resumed_worse["best"] > 0
+    assert "Epoch[3] Metrics -- val_mean_dice: 0.0000" in resumed_worse["log"]  # the resumed validation was worse
+    assert _md5(resumed_worse["ckpt_dir"] / "model.pt") == resumed_worse["model_md5"]
+    assert f"keeps its best score {resumed_worse['best']:.4f} from before the resume" in resumed_worse["log"]
+
+
+def test_rotation_after_a_resume_keeps_n_saved(resumed_worse):
+    names = sorted(p.name for p in resumed_worse["ckpt_dir"].glob("checkpoint_epoch=*.pt"))
+    assert names == ["checkpoint_epoch=2.pt", "checkpoint_epoch=3.pt"]  # n_saved=2, epoch 1 rotated out
+
+
+def test_checkpointer_rotation_continues_after_a_resume(tmp_path):
+    from ignite.engine import Engine
+
+    model = torch.nn.Linear(2, 2)
+    first = Engine(lambda e, b: None)
+    TrainingCheckpointer(str(tmp_path), {"model": model, "trainer": first}, n_saved=2).attach(first)
+    first.run([0], max_epochs=4)
+    resumed = Engine(lambda e, b: None)
+    path = tmp_path / "checkpoint_epoch=4.pt"
+    TrainingCheckpointer(str(tmp_path), {"model": model, "trainer": resumed}, n_saved=2, resume_path=str(path)).attach(
+        resumed
+    )
+    resumed.load_state_dict(torch.load(path, weights_only=True)["trainer"])
+    resumed.run([0], max_epochs=6)
+    expected = ["checkpoint_epoch=5.pt", "checkpoint_epoch=6.pt", "checkpoint_final.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == expected  # not 3 and 4 as well
+
+
+def test_key_metric_state_keeps_the_best_score_across_a_resume(tmp_path):
+    from ignite.engine import Engine
+    from monai.handlers import CheckpointSaver
+
+    model = torch.nn.Linear(2, 2)
+
+    def saver(folder: Path) -> CheckpointSaver:
+        return CheckpointSaver(str(folder), {"model": model}, save_key_metric=True, key_metric_filename="model.pt")
+
+    def validate(handler: CheckpointSaver, score: float) -> None:
+        engine = Engine(lambda e, b: None)
+        engine.state.metrics, engine.state.key_metric_name = {"val_mean_dice": score}, "val_mean_dice"
+        handler.metrics_completed(engine)
+
+    def saved(folder: Path) -> torch.Tensor:
+        return torch.load(folder / "model.pt", weights_only=True)["weight"]
+
+    evaluator = Engine(lambda e, b: None)
+    evaluator.state.best_metric, evaluator.state.best_metric_epoch = 0.5, 2
+    before = saver(tmp_path)
+    validate(before, 0.5)
+    buffer = io.BytesIO()
+    torch.save(KeyMetricState([before], evaluator).state_dict(), buffer)
+
+    def resumed(folder: Path) -> tuple[CheckpointSaver, Engine]:
+        handler, engine = saver(folder), Engine(lambda e, b: None)
+        engine.state.best_metric, engine.state.best_metric_epoch = -1, -1
+        buffer.seek(0)
+        KeyMetricState([handler, "not a saver"], engine).load_state_dict(torch.load(buffer, weights_only=True))
+        return handler, engine
+
+    best = model.weight.detach().clone()
+    handler, engine = resumed(tmp_path)
+    assert (engine.state.best_metric, engine.state.best_metric_epoch) == (0.5, 2)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    validate(handler, 0.3)
+    assert torch.equal(saved(tmp_path), best)  # worse than before the resume: kept
+    validate(handler, 0.7)
+    assert torch.equal(saved(tmp_path), model.weight)  # better: replaced
+    elsewhere = tmp_path / "elsewhere"  # resumed into a folder without that model.pt: the first validation saves
+    handler, engine = resumed(elsewhere)
+    assert engine.state.best_metric == -1
+    validate(handler, 0.3)
+    assert torch.equal(saved(elsewhere), model.weight)

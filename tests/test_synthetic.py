@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from monai.data import load_decathlon_datalist
 
-from scripts.data.synthetic import SPLITS, generate_dataset, make_case
+from scripts.data.synthetic import SPLITS, generate_dataset, main, make_case
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"num_training": 3, "num_meta": 1, "num_validation": 1, "num_test": 1, "shape": (16, 18, 20)}
@@ -239,3 +239,11 @@ def test_other_noise_models_from_the_corruption_library(tmp_path):
     assert np.array_equal(first, nib.load(again.parent / datalist["training"][0]["label"]).get_fdata())
     with pytest.raises(ValueError, match="unknown corruption preset"):
         generate_dataset(tmp_path / "c", corruption="no_such_preset", **kwargs)
+
+
+def test_cli_explains_that_the_corrupt_fraction_is_a_per_case_probability(tmp_path, capsys):
+    argv = ["--out_dir", str(tmp_path / "d"), "--seed", "0", "--num_training", "3", "--num_meta", "1"]
+    main([*argv, "--num_validation", "0", "--num_test", "0", "--shape", "16", "16", "16"])
+    out = capsys.readouterr().out
+    assert "training=3 (0 corrupted)" in out
+    assert "probability that each training label is corrupted, so 0 of 3 were (expected 1.5)" in out

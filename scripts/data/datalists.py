@@ -561,7 +561,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         print("check: every listed file is readable and consistent")
     print(
-        f"train with: python -m monai.bundle run --config_file configs/train.json --dataset_dir {dataset_dir} --datalist {out}"
+        "train with: python -m monai.bundle run --config_file configs/train.json "
+        f"--dataset_dir {dataset_dir} --datalist {out} --ckpt_dir runs/<name>/models --output_dir runs/<name>"
     )
     return 0
 

@@ -338,7 +338,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
     """Command line entry point: generate the dataset and print the datalist path and a summary."""
     parser = dataset_parser("python -m scripts.data", __doc__.strip().splitlines()[0], "data/default", (48, 48, 48))
     parser.add_argument("--spacing", type=float, nargs=3, default=[1.5, 1.5, 2.0])
-    parser.add_argument("--corrupt_fraction", type=float, default=0.5)
+    parser.add_argument(
+        "--corrupt_fraction",
+        type=float,
+        default=0.5,
+        help="probability that each training label is corrupted, drawn per case (not an exact share of the cases)",
+    )
     parser.add_argument("--radius", type=int, nargs=2, default=[2, 3], help="min and max erosion/dilation radius")
     parser.add_argument(
         "--corruption",
@@ -355,6 +360,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
         f"training={len(datalist['training'])} ({num_corrupted} corrupted) meta={len(datalist['meta'])} "
         f"validation={len(datalist['validation'])} test={len(datalist['test'])}"
     )
+    expected = args["corrupt_fraction"] * len(datalist["training"])
+    if abs(num_corrupted - expected) >= 1:
+        print(
+            f"note: --corrupt_fraction {args['corrupt_fraction']:g} is the probability that each training label is "
+            f"corrupted, so {num_corrupted} of {len(datalist['training'])} were (expected {expected:g}); another "
+            "--seed draws again"
+        )
     return path
 
 

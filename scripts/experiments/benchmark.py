@@ -183,7 +183,8 @@ def train_and_evaluate(
     }
     configs = [str(CONFIGS / name) for name in method.configs]
     start = time.time()
-    bundle_run(method.configs, log_path=log_path, **overrides)
+    # a run folder without a result.json is (re)started from scratch: an interrupted run's files there are replaced
+    bundle_run(method.configs, log_path=log_path, overwrite=True, **overrides)
     train_seconds = time.time() - start
 
     # in-process: an evaluation is too short to pay for a new interpreter; its results are in the CSVs, not the log

@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.epochs is not None:
             overrides["epochs"] = args.epochs
         print(f"\n=== training with {method} ({time.time() - start:.0f} s) ===", flush=True)
-        bundle_run(configs, **overrides)
+        # the demo owns its runs/demo/<method> folders: each invocation trains them again from scratch
+        bundle_run(configs, overwrite=True, **overrides)
         print(f"\n=== evaluating {method} on the clean test labels ===", flush=True)
         bundle_run([*configs, "evaluate.json"], **overrides)
         results[method] = read_case_dice(out / "val_mean_dice_raw.csv")
