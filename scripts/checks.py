@@ -17,7 +17,6 @@ import argparse
 import ast
 import difflib
 import gzip
-import hashlib
 import inspect
 import json
 import logging
@@ -36,7 +35,7 @@ from monai.config import KeysCollection
 from monai.transforms import LoadImage, MapTransform
 
 from scripts.options import option_problems
-from scripts.utils import SPLITS, BundleInputError, number_problem
+from scripts.utils import SPLITS, BundleInputError, file_hash, number_problem
 
 __all__ = [
     "BundleInputError",
@@ -389,15 +388,6 @@ def _overlap_problem(where: str, split: str, index: int, image: Path, seen: dict
     return f"{where}: image also listed as {first}; a case must belong to one split only (data leakage)"
 
 
-def _file_digest(path: Path) -> str:
-    """SHA-256 of the bytes of ``path``."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _copy_problems(listed: Mapping[Path, str]) -> list[str]:
     """Images listed under different paths whose files are byte-identical copies (a case copied into another
     split is leakage just as a symlink is). Only files of equal size are read, so this costs nothing for
@@ -410,7 +400,7 @@ def _copy_problems(listed: Mapping[Path, str]) -> list[str]:
     for paths in by_size.values():
         first: dict[str, Path] = {}
         for path in paths if len(paths) > 1 else []:
-            original = first.setdefault(_file_digest(path), path)
+            original = first.setdefault(file_hash(path), path)
             if original != path:
                 problems.append(
                     f"{listed[path]}: image is a copy of {listed[original]} (identical bytes); a case must belong "

@@ -17,7 +17,6 @@ the files and the ways out.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 
 from scripts.checkpointing import run_files
 from scripts.checks import BundleInputError
-from scripts.utils import as_flag
+from scripts.utils import as_flag, file_hash
 
 __all__ = [
     "BEST_WEIGHTS",
@@ -90,14 +89,6 @@ def _foreign_reason(path: Path) -> str | None:
     if isinstance(content, Mapping) and any(_is_state_dict(content.get(key)) for key in ("model", "meta_network")):
         return None
     return f"it holds a {type(content).__name__}, not a network's state dict"
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _shipped_hashes(shipped_list: str | Path | None) -> set[str]:
@@ -175,7 +166,7 @@ def check_training_outputs(
             "replace them."
         )
     hashes = _shipped_hashes(shipped_list)
-    shipped = [path for path in weights.values() if hashes and _md5(path) in hashes]
+    shipped = [path for path in weights.values() if hashes and file_hash(path, "md5") in hashes]
     if shipped and not overwrite:
         folder_names = sorted({str(path.parent) for path in shipped})
         raise ShippedWeightsError(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import math
 import numbers
@@ -28,6 +29,7 @@ __all__ = [
     "check_range",
     "dice",
     "figure",
+    "file_hash",
     "nanmean",
     "json_text",
     "number_problem",
@@ -141,6 +143,16 @@ def json_text(value: Any, indent: int = 4) -> str:
     """``value`` as the JSON text this project writes: indented, keys in their order, ASCII, a final newline (the
     model zoo's ``pretty-format-json --indent=4 --no-sort-keys`` format at the default indent)."""
     return json.dumps(value, indent=indent, ensure_ascii=True) + "\n"
+
+
+def file_hash(path: str | os.PathLike, hash_type: str = "sha256") -> str:
+    """Hex digest of the bytes of ``path`` (``hash_type``: ``"md5"``, ``"sha256"``, ...); ``""`` when it is not a
+    file, which never matches a recorded hash."""
+    path = Path(path)
+    if not path.is_file():
+        return ""
+    with path.open("rb") as stream:
+        return hashlib.file_digest(stream, hash_type).hexdigest()
 
 
 def write_text(text: str, path: str | os.PathLike) -> Path:

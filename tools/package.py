@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import hashlib
 import json
 import posixpath
 import re
@@ -33,7 +32,7 @@ from urllib.parse import unquote
 
 import yaml
 
-from scripts.utils import atomic_path
+from scripts.utils import atomic_path, file_hash
 
 BUNDLE_NAME = "mcpm_noisy_label_segmentation"
 REQUIRED_FILES = (
@@ -84,14 +83,6 @@ def weight_files(bundle_root: str | Path) -> list[str]:
     if stale:
         raise ValueError(f"large_files.yml hashes do not match {stale}; update them before packaging.")
     return [entry["path"] for entry in entries]
-
-
-def file_hash(path: Path, hash_type: str) -> str:
-    """Hex digest of ``path`` (``""`` when it is missing, which never matches a recorded hash)."""
-    if not path.is_file():
-        return ""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, hash_type).hexdigest()
 
 
 def _strings(value: Any, key: str | None = None) -> Iterator[tuple[str | None, str]]:
