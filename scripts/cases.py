@@ -7,10 +7,8 @@ refuse bad inputs, all problems at once, before any case is segmented or scored.
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -22,12 +20,11 @@ from scripts.checks import (
     DatalistError,
     brief_error,
     channel_problem,
-    load_datalist,
     output_dir_problem,
     read_volume,
     validate_datalist,
 )
-from scripts.utils import as_flag
+from scripts.utils import ProblemsError, as_flag
 
 __all__ = [
     "EvaluationDataError",
@@ -86,20 +83,16 @@ def cases_by_id(cases: Iterable[dict], ids: str | Sequence[str]) -> list[dict]:
     return selected
 
 
-class InferenceInputError(BundleInputError):
+class InferenceInputError(ProblemsError):
     """The input or output folder of inference cannot be used; ``problems`` lists every problem found."""
 
-    def __init__(self, problems: Sequence[str]) -> None:
-        self.problems = list(problems)
-        super().__init__("inference input check failed:\n" + "\n".join(self.problems))
+    heading = "inference input check failed"
 
 
-class EvaluationDataError(BundleInputError):
+class EvaluationDataError(ProblemsError):
     """The evaluation split of a datalist, or a file it names, cannot be scored; ``problems`` lists every problem."""
 
-    def __init__(self, problems: Sequence[str]) -> None:
-        self.problems = list(problems)
-        super().__init__("evaluation data check failed:\n" + "\n".join(self.problems))
+    heading = "evaluation data check failed"
 
 
 def _listing(names: Sequence[str]) -> str:
@@ -154,7 +147,7 @@ def _output_problems(input_dir: Path, output_dir: Path, image: Path, output_post
     """Why predictions cannot go into ``output_dir``: it is (inside) the input folder, a file, or not writable.
     ``image`` is one input, to show what the next run would make of its prediction."""
     output, input_ = output_dir.resolve(), input_dir.resolve()
-    if output == input_ or input_ in output.parents:
+    if output.is_relative_to(input_):
         where = "the input folder" if output == input_ else f"inside the input folder {input_dir}"
         prediction = prediction_path(image, output_dir, output_postfix, output_ext)
         again = prediction_path(prediction, output_dir, output_postfix, output_ext).name
@@ -284,19 +277,12 @@ def check_eval_data(
     Raises:
         EvaluationDataError: listing every problem, one per line, each naming its case and file.
     """
-    path = Path(datalist)
-    content = load_datalist(path)
-    subset = {split: content[split]} if split in content else {}
-    dataset_dir = path.parent if dataset_dir is None else Path(dataset_dir)
-    with tempfile.TemporaryDirectory() as folder:
-        only_split = Path(folder) / path.name
-        only_split.write_text(json.dumps(subset))
-        try:
-            counts = validate_datalist(
-                only_split, dataset_dir, num_classes, [split], [split], image_channels=image_channels
-            )
-        except DatalistError as error:  # split-level problems are named after the real datalist, not the copy
-            problems = [f"{path}: {p}" if p.startswith("split ") else p for p in error.problems]
-            raise EvaluationDataError(problems) from None
+    try:
+        counts = validate_datalist(
+            datalist, dataset_dir, num_classes, [split], [split], image_channels=image_channels, splits=[split]
+        )
+    except DatalistError as error:  # name the datalist in the split-level problems, as evaluation reads it
+        problems = [f"{datalist}: {p}" if p.startswith("split ") else p for p in error.problems]
+        raise EvaluationDataError(problems) from None
     logger.info(f"evaluation datalist {datalist} OK: {split}={counts[split]}")
     return counts

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 EPOCH_PATTERN = "checkpoint_epoch={global_step}.pt"
 FINAL_NAME = "checkpoint_final.pt"
-EPOCH_FILE = re.compile(r"checkpoint_epoch=\d+\.pt")
+EPOCH_FILE = re.compile(r"checkpoint_epoch=(\d+)\.pt")
 
 
 def _numpy_state_to_tensors(state: tuple) -> dict[str, Any]:
@@ -203,12 +203,8 @@ class TrainingCheckpointer:
         folder = Path(self.save_dir)
         if epoch < 1 or not self.resume_path or Path(self.resume_path).resolve().parent != folder.resolve():
             return
-        earlier = []
-        for path in folder.glob("checkpoint_epoch=*.pt"):
-            number = path.name[len("checkpoint_epoch=") : -len(".pt")]
-            if number.isdigit() and int(number) <= epoch:
-                earlier.append((int(number), path.name))
-        earlier = sorted(earlier)[-self.n_saved :]
+        numbered = [(int(m.group(1)), p.name) for p in run_files(folder) if (m := EPOCH_FILE.fullmatch(p.name))]
+        earlier = sorted(item for item in numbered if item[0] <= epoch)[-self.n_saved :]
         checkpoint.load_state_dict({"_saved": earlier})
         if earlier:
             logger.info(f"checkpoint rotation continues with {', '.join(name for _, name in earlier)} in {folder}")

@@ -31,11 +31,14 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
+from monai.bundle import ConfigParser
+from monai.bundle.scripts import run
+from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
 from monai.config import KeysCollection
 from monai.transforms import LoadImage, MapTransform
 
 from scripts.options import option_problems
-from scripts.utils import SPLITS, BundleInputError, file_hash, number_problem
+from scripts.utils import SPLITS, BundleInputError, ProblemsError, file_hash, number_problem
 
 __all__ = [
     "BundleInputError",
@@ -129,12 +132,10 @@ def install_excepthook() -> None:
 install_excepthook()
 
 
-class DatalistError(BundleInputError):
+class DatalistError(ProblemsError):
     """A datalist or the files it references cannot be used; ``problems`` lists every problem found."""
 
-    def __init__(self, problems: Sequence[str]) -> None:
-        self.problems = list(problems)
-        super().__init__("datalist check failed:\n" + "\n".join(self.problems))
+    heading = "datalist check failed"
 
 
 @dataclass(frozen=True)
@@ -432,6 +433,7 @@ def validate_datalist(
     label_required_splits: Sequence[str] = SPLITS,
     check_files: bool = True,
     image_channels: int = 1,
+    splits: Sequence[str] = SPLITS,
 ) -> dict[str, int]:
     """
     Check a Decathlon-style datalist and every file it references, and report all problems at once.
@@ -458,6 +460,7 @@ def validate_datalist(
         label_required_splits: splits whose entries must have a ``label``.
         check_files: whether to read the files; if False only the datalist itself is checked.
         image_channels: number of image channels the network takes.
+        splits: the splits to check besides the required ones (evaluation checks its split alone).
 
     Returns:
         the number of cases of every split present in the datalist.
@@ -474,7 +477,7 @@ def validate_datalist(
     counts: dict[str, int] = {}
     seen: dict[Path, tuple[str, int]] = {}
     listed: dict[Path, str] = {}
-    for split in dict.fromkeys([*SPLITS, *splits_required, *label_required_splits]):
+    for split in dict.fromkeys([*splits, *splits_required, *label_required_splits]):
         entries, split_problems = _split_entries(content, split, split in splits_required)
         problems += split_problems
         if entries is None:
@@ -517,12 +520,11 @@ def check_before_training(datalist: str | Path, dataset_dir: str | Path, num_cla
     logger.info(f"datalist {datalist} OK: {_summary(counts)}")
 
 
-class ConfigError(BundleInputError):
+class ConfigError(ProblemsError):
     """Training settings with a wrong type or out of range; ``problems`` lists each with value and range."""
 
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("config check failed:\n" + "\n".join(f"  {p}" for p in problems))
-        self.problems = problems
+    heading = "config check failed"
+    indent = "  "
 
 
 def output_dir_problem(name: str, folder: str | Path, min_free_mb: float) -> str | None:
@@ -610,15 +612,14 @@ def check_training_config(
         raise ConfigError(problems)
 
 
-class OverrideError(BundleInputError):
+class OverrideError(ProblemsError):
     """Command-line overrides of keys that no loaded config file defines: MONAI would add them unused."""
 
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__(
-            "override check failed: an override must name a key that a config file defines (MONAI would add an "
-            "unknown one unused):\n" + "\n".join(f"  {p}" for p in problems)
-        )
-        self.problems = problems
+    heading = (
+        "override check failed: an override must name a key that a config file defines (MONAI would add an "
+        "unknown one unused)"
+    )
+    indent = "  "
 
 
 def _raw_overrides(argv: Sequence[str]) -> dict[str, str]:
@@ -676,10 +677,6 @@ def override_problems(argv: Sequence[str]) -> list[str]:
     of ``--config_file`` (nor ``--args_file``) defines, each with the closest known keys. Known as well: the
     arguments of ``monai.bundle run``, the settings ``--tracking`` adds, ``_meta_`` keys, and new arguments of a
     component (a dict with ``_target_``), which MONAI passes to its constructor, so that a wrong one fails there."""
-    from monai.bundle import ConfigParser
-    from monai.bundle.scripts import run
-    from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
-
     raw = _raw_overrides(argv)
     if "args_file" in raw:
         args = ConfigParser.load_config_file(raw["args_file"])

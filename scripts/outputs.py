@@ -68,11 +68,6 @@ class ExistingRunError(OutputFolderError):
     ``overwrite``."""
 
 
-def _inside(folder: Path, parent: Path) -> bool:
-    """Whether ``folder`` is ``parent`` or inside it (both resolved)."""
-    return folder == parent or parent in folder.parents
-
-
 def _is_state_dict(value: object) -> bool:
     return isinstance(value, Mapping) and len(value) > 0 and all(torch.is_tensor(v) for v in value.values())
 
@@ -139,7 +134,7 @@ def check_training_outputs(
     dataset = Path(dataset_dir).resolve()
     inside: dict[Path, list[str]] = {}
     for name, folder in folders.items():
-        if _inside(folder.resolve(), dataset):
+        if folder.resolve().is_relative_to(dataset):
             inside.setdefault(folder, []).append(name)
     if inside:
         named = [f"{_and(names)} {folder}" for folder, names in inside.items()]

@@ -22,6 +22,7 @@ import numpy as np
 __all__ = [
     "DATALIST",
     "BundleInputError",
+    "ProblemsError",
     "as_flag",
     "SPLITS",
     "atomic_path",
@@ -45,6 +46,18 @@ class BundleInputError(ValueError):
     """An input or setting the bundle refuses before long work starts. Its message is printed last when a
     ``python -m monai.bundle`` command stops on it (``scripts.checks.install_excepthook``), so that it does not
     hide above MONAI's "Failed to instantiate component" traceback."""
+
+
+class ProblemsError(BundleInputError):
+    """A :py:class:`BundleInputError` that lists every problem a check found, one per line under ``heading``
+    (each line prefixed by ``indent``); ``problems`` keeps the list."""
+
+    heading = "check failed"
+    indent = ""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__(f"{self.heading}:\n" + "\n".join(self.indent + p for p in self.problems))
 
 
 def as_flag(name: str, value: object) -> bool:
