@@ -217,7 +217,7 @@ class TrainingCheckpointer:
 
     def _log_saved(self, checkpoint: Checkpoint) -> None:
         """Log the path of the file ``checkpoint`` has just written."""
-        logger.info(f"saved checkpoint {Path(self.save_dir) / checkpoint.last_checkpoint}")
+        logger.info(f"saved checkpoint {checkpoint.last_checkpoint}")
 
 
 def run_files(ckpt_dir: str | Path) -> list[Path]:
