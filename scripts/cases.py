@@ -34,6 +34,7 @@ __all__ = [
     "check_eval_data",
     "clean_label_cases",
     "inference_cases",
+    "labelled_cases",
     "prediction_path",
 ]
 
@@ -58,6 +59,20 @@ def clean_label_cases(datalist: str, base_dir: str, split: str = "training") -> 
     if missing:
         raise ValueError(f"{len(missing)} {split} case(s) of {datalist} have no 'clean_label', e.g. {missing[:3]}.")
     return [{**{k: v for k, v in c.items() if k != "corruption_mask"}, "label": c["clean_label"]} for c in cases]
+
+
+def labelled_cases(datalist: str, base_dir: str, splits: Sequence[str] = ("training", "meta")) -> list[dict]:
+    """The cases of every split in ``splits``, in that order, each with only its ``image`` and ``label``: the data of
+    the baselines that train on every label a user has (``configs/train_union.json``, ``train_balanced.json``).
+
+    The other keys (a training case's ``corruption_mask``, ``clean_label``) are left out, so that cases of different
+    splits collate into one batch and nothing but the labels a user would train on reaches the network.
+    """
+    return [
+        {"image": case["image"], "label": case["label"]}
+        for split in splits
+        for case in load_decathlon_datalist(datalist, True, split, base_dir=base_dir)
+    ]
 
 
 def case_id(path: str) -> str:

@@ -1,12 +1,23 @@
-"""Ignite handlers specific to MCPM training."""
+"""Ignite handlers of the bundle's training runs: the MCPM weight-map images and the switch of the ``finetune``
+baseline from the noisy training set to the clean meta set."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from ignite.engine import Engine, Events
+from monai.data import ThreadDataLoader
+from torch.utils.data import Dataset
 from torch.utils.tensorboard import SummaryWriter
 
+from scripts.sampling import GroupBatchSampler
 from scripts.trainer import WEIGHT_KEY
+from scripts.utils import check_number
+
+__all__ = ["FinetuneHandler", "WeightMapImageHandler"]
+
+logger = logging.getLogger(__name__)
 
 
 def _unit_range(x: torch.Tensor) -> torch.Tensor:
@@ -54,3 +65,39 @@ class WeightMapImageHandler:
             self._writer = SummaryWriter(log_dir=self.log_dir)
         self._writer.add_image(self.tag, torch.cat(panels, dim=1).detach().cpu().unsqueeze(0), engine.state.epoch)
         self._writer.flush()
+
+
+class FinetuneHandler:
+    """Train on ``dataset`` (the clean meta set) from the epoch after ``fraction`` of ``max_epochs`` on: the
+    ``finetune`` baseline, plain training on the noisy cases for the first 3/4 of the updates, then on the clean
+    cases for the rest.
+
+    The meta-set epochs keep the training set's number of batches (the meta cases are cycled in a fresh random order,
+    ``batch_size`` per batch), so the run has plain training's updates. The switch happens at the start of every
+    epoch after it, so a run resumed in the meta-set phase continues on the meta set.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, fraction: float = 0.75) -> None:
+        check_number("fraction", fraction, 0.0, 1.0)
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.fraction = fraction
+        self._loader: ThreadDataLoader | None = None
+
+    def switch_epoch(self, max_epochs: int) -> int:
+        """The last epoch on the training set: ``round(fraction * max_epochs)``."""
+        return round(self.fraction * max_epochs)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if engine.state.epoch <= self.switch_epoch(engine.state.max_epochs) or self._loader is not None:
+            return
+        sampler = GroupBatchSampler([len(self.dataset)], [self.batch_size], num_batches=engine.state.epoch_length)
+        self._loader = ThreadDataLoader(self.dataset, batch_sampler=sampler, num_workers=0)
+        logger.info(
+            f"epoch {engine.state.epoch}: fine-tuning on the {len(self.dataset)} clean meta cases "
+            f"({engine.state.epoch_length} batches of {self.batch_size} per epoch)"
+        )
+        engine.set_data(self._loader)

@@ -9,6 +9,19 @@ from torch import nn
 REDUCTIONS = ("none", "mean", "sum")
 
 
+def _index_label(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """``label`` as (B, *spatial) long class indices matching ``logits`` (B, C, *spatial); a ValueError otherwise."""
+    if label.dim() == logits.dim():
+        if label.shape[1] != 1:
+            raise ValueError(f"label must have one channel of class indices, got shape {tuple(label.shape)}.")
+        label = label[:, 0]
+    if label.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(
+            f"label shape {tuple(label.shape)} does not match the prediction {tuple(logits.shape)} (B, C, *spatial)."
+        )
+    return label.long()
+
+
 def voxel_cross_entropy(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of every voxel.
 
@@ -19,15 +32,21 @@ def voxel_cross_entropy(logits: torch.Tensor, label: torch.Tensor) -> torch.Tens
     Returns:
         (B, *spatial) loss map.
     """
-    if label.dim() == logits.dim():
-        if label.shape[1] != 1:
-            raise ValueError(f"label must have one channel of class indices, got shape {tuple(label.shape)}.")
-        label = label[:, 0]
-    if label.shape != logits.shape[:1] + logits.shape[2:]:
-        raise ValueError(
-            f"label shape {tuple(label.shape)} does not match the prediction {tuple(logits.shape)} (B, C, *spatial)."
-        )
-    return F.cross_entropy(logits, label.long(), reduction="none")
+    return F.cross_entropy(logits, _index_label(logits, label), reduction="none")
+
+
+def _reduce(loss_map: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return loss_map.mean()
+    if reduction == "sum":
+        return loss_map.sum()
+    return loss_map
+
+
+def _check_reduction(reduction: str) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+    return reduction
 
 
 class VoxelCrossEntropyLoss(nn.Module):
@@ -39,17 +58,31 @@ class VoxelCrossEntropyLoss(nn.Module):
 
     def __init__(self, reduction: str = "mean") -> None:
         super().__init__()
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
-        self.reduction = reduction
+        self.reduction = _check_reduction(reduction)
 
     def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        loss_map = voxel_cross_entropy(logits, label)
-        if self.reduction == "mean":
-            return loss_map.mean()
-        if self.reduction == "sum":
-            return loss_map.sum()
-        return loss_map
+        return _reduce(voxel_cross_entropy(logits, label), self.reduction)
+
+
+class GeneralisedCrossEntropyLoss(nn.Module):
+    """Generalised cross-entropy (Zhang and Sabuncu, NeurIPS 2018, arXiv:1805.07836) of every voxel:
+    ``(1 - p_y^q) / q`` with ``p_y`` the softmax probability of the labelled class.
+
+    A noise-robust loss that needs no clean set: ``q -> 0`` is the cross-entropy, ``q = 1`` the mean absolute error,
+    which gives a voxel whose label the network contradicts (a likely corrupted one) a bounded gradient. PyMIC ships
+    it for noisy-label segmentation with ``q = 0.7``, the paper's value, the default here.
+    """
+
+    def __init__(self, q: float = 0.7, reduction: str = "mean") -> None:
+        super().__init__()
+        if not 0 < q <= 1:
+            raise ValueError(f"q must be in (0, 1], got {q!r}.")
+        self.q = q
+        self.reduction = _check_reduction(reduction)
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        log_p = torch.log_softmax(logits.float(), dim=1).gather(1, _index_label(logits, label).unsqueeze(1))[:, 0]
+        return _reduce((1 - torch.exp(self.q * log_p)) / self.q, self.reduction)
 
 
 class SmallLossTruncatedLoss(nn.Module):

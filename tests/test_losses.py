@@ -1,4 +1,4 @@
-"""Voxel-wise losses: the loss map MCPM re-weights, and small-loss truncation."""
+"""Voxel-wise losses: the loss map MCPM re-weights, small-loss truncation and generalised cross-entropy."""
 
 from __future__ import annotations
 
@@ -6,7 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scripts.losses import SmallLossTruncatedLoss, VoxelCrossEntropyLoss, voxel_cross_entropy
+from scripts.losses import (
+    GeneralisedCrossEntropyLoss,
+    SmallLossTruncatedLoss,
+    VoxelCrossEntropyLoss,
+    voxel_cross_entropy,
+)
 
 
 def _batch():
@@ -44,3 +49,19 @@ def test_small_loss_truncation_per_class_keeps_every_class():
     expected = torch.cat([losses[~rare].sort().values[:45], losses[rare].sort().values[:3]]).mean()
     assert torch.allclose(SmallLossTruncatedLoss(0.25)(logits, label), expected)
     assert torch.allclose(SmallLossTruncatedLoss(0.25, per_class=False)(logits, label), losses[~rare].sort().values[:48].mean())
+
+
+def test_generalised_cross_entropy():
+    logits, label = _batch()
+    p_label = torch.softmax(logits, 1).gather(1, label.long())[:, 0]
+    # q = 1 is the mean absolute error of the labelled class's probability
+    assert torch.allclose(GeneralisedCrossEntropyLoss(q=1.0, reduction="none")(logits, label), 1 - p_label)
+    # q -> 0 approaches the cross-entropy
+    assert torch.allclose(GeneralisedCrossEntropyLoss(q=1e-4)(logits, label), voxel_cross_entropy(logits, label).mean(), rtol=1e-3)
+    # bounded: a voxel the network contradicts costs at most 1 / q
+    confident = torch.zeros(1, 3, 1, 1, 1)
+    confident[:, 0] = 30.0
+    assert GeneralisedCrossEntropyLoss(q=0.7)(confident, torch.full((1, 1, 1, 1, 1), 2.0)) <= 1 / 0.7
+    for bad in ({"q": 0.0}, {"q": 1.5}, {"reduction": "max"}):
+        with pytest.raises(ValueError):
+            GeneralisedCrossEntropyLoss(**bad)
