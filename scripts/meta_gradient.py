@@ -44,15 +44,29 @@ class Batch(NamedTuple):
         return functional_call(network, dict(params), (self.image, *self.args), dict(self.kwargs))
 
 
-def normalise_weights(weights: torch.Tensor, normalisation: str, eps: float = 1e-8) -> torch.Tensor:
+def normalise_weights(
+    weights: torch.Tensor, normalisation: str, label: torch.Tensor | None = None, eps: float = 1e-8
+) -> torch.Tensor:
     """Turn a weight map into the coefficients w̄ of the weighted loss Σ_i w̄_i ℓ_i.
 
     ``sum``: w̄ = w / Σw, a weighted mean whose scale the meta network cannot change (as Ren et al. 2018).
+    ``class_sum``: the same within each labelled class, every class keeping its share of the voxels:
+    w̄_i = (n_c / N) w_i / Σ_{j in c} w_j for voxel i labelled c, so that low weights on one class (a thin
+    structure, most of whose voxels lie near a boundary) do not hand its share of the loss to the others; needs
+    ``label`` (class indices, the shape of ``weights`` with or without a channel dim).
     ``mean``: w̄ = w / N, the mean of w·ℓ; lowering all weights also lowers the effective learning rate.
     ``none``: w̄ = w, the plain weighted sum.
     """
     if normalisation == "sum":
         return weights / (weights.sum() + eps)
+    if normalisation == "class_sum":
+        if label is None:
+            raise ValueError("weight normalisation 'class_sum' needs the label.")
+        classes = label.detach().reshape(-1).long()
+        flat = weights.reshape(-1)
+        sums = torch.zeros(int(classes.max()) + 1, dtype=flat.dtype, device=flat.device).scatter_add(0, classes, flat)
+        shares = torch.bincount(classes, minlength=sums.numel()).to(flat.dtype) / flat.numel()
+        return (flat * (shares / (sums + eps))[classes]).view_as(weights)
     if normalisation == "mean":
         return weights / weights.numel()
     if normalisation == "none":
@@ -107,6 +121,7 @@ def compute_meta_gradient(
     normalisation: str = "sum",
     autocast: Autocast = contextlib.nullcontext,
     virtual_step_params: Sequence[str] | None = None,
+    preconditioner: Mapping[str, torch.Tensor] | None = None,
 ) -> MetaGradient:
     """Compute ∇φ L_meta(θ̂(φ)) for the meta network's parameters φ. The arguments are keyword-only, as several
     share a type (the training and the meta batch above all).
@@ -126,29 +141,56 @@ def compute_meta_gradient(
         normalisation: how weights become loss coefficients (see ``normalise_weights``).
         autocast: a factory of the autocast context for forward passes (a no-op by default).
         virtual_step_params: name prefixes of the parameters the virtual step moves; all when None.
+        preconditioner: per parameter name, a tensor P that scales the virtual step elementwise,
+            θ̂ = θ − α P ⊙ ∇θ Σ_i w̄_i ℓ_i (``adam_preconditioner``: the real Adam step's scaling); plain SGD when None.
+            In the ``jvp`` mode the direction of the JVP becomes P ⊙ v, the exact meta-gradient of that step.
     """
     if mode not in META_GRADIENT_MODES:
         raise ValueError(f"meta-gradient mode must be one of {META_GRADIENT_MODES}, got {mode!r}.")
     params = virtual_step_parameters(network, virtual_step_params)
     meta_params = [p for p in meta_network.parameters() if p.requires_grad]
-    weights = normalise_weights(meta_network(meta_input), normalisation)
+    weights = normalise_weights(meta_network(meta_input), normalisation, batch.label)
+    scale = {name: (preconditioner or {}).get(name) for name in params}
+
+    def step(name: str, grad: torch.Tensor) -> torch.Tensor:
+        return grad if scale[name] is None else scale[name] * grad
 
     if mode == "second_order":
         weighted = (weights * loss_map).sum()
         grads = torch.autograd.grad(weighted, list(params.values()), create_graph=True, retain_graph=True)
-        virtual = {name: p - virtual_lr * g for (name, p), g in zip(params.items(), grads, strict=True)}
+        virtual = {name: p - virtual_lr * step(name, g) for (name, p), g in zip(params.items(), grads, strict=True)}
         meta_loss = meta_loss_with(network, loss_function, virtual, meta_batch, autocast)
         return MetaGradient(meta_loss.detach(), torch.autograd.grad(meta_loss, meta_params))
 
     grads = torch.autograd.grad((weights.detach() * loss_map).sum(), list(params.values()), retain_graph=True)
     virtual = {
-        name: (p.detach() - virtual_lr * g).requires_grad_() for (name, p), g in zip(params.items(), grads, strict=True)
+        name: (p.detach() - virtual_lr * step(name, g)).requires_grad_()
+        for (name, p), g in zip(params.items(), grads, strict=True)
     }
     meta_loss = meta_loss_with(network, loss_function, virtual, meta_batch, autocast)
-    direction = torch.autograd.grad(meta_loss, list(virtual.values()))
+    direction = [
+        step(name, v) for name, v in zip(params, torch.autograd.grad(meta_loss, list(virtual.values())), strict=True)
+    ]
     sensitivity = loss_map_jvp(network, loss_function, batch, params, direction, autocast)
     surrogate = -virtual_lr * (weights * sensitivity.to(weights.dtype)).sum()
     return MetaGradient(meta_loss.detach(), torch.autograd.grad(surrogate, meta_params))
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """1 / (√v̂ + ε) of every parameter in ``params`` that ``optimizer`` (an ``Adam`` or ``AdamW``) has stepped: the
+    scaling of Adam's update by its bias-corrected second-moment estimate v̂, so that a virtual step with it moves
+    each parameter as the next real step will (with the current gradient in place of the first moment). Parameters
+    without optimizer state yet are left out, and their virtual step stays plain SGD."""
+    groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    scales = {}
+    for name, param in params.items():
+        state = optimizer.state.get(param, {})
+        if "exp_avg_sq" not in state or id(param) not in groups:
+            continue
+        beta2, eps = groups[id(param)]["betas"][1], groups[id(param)]["eps"]
+        correction = 1 - beta2 ** float(state["step"])
+        scales[name] = 1.0 / ((state["exp_avg_sq"] / correction).sqrt() + eps)
+    return scales
 
 
 def meta_loss_with(

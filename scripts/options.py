@@ -9,10 +9,18 @@ from typing import Any
 
 from scripts.utils import number_problem
 
-__all__ = ["META_GRADIENT_MODES", "MCPM_OPTIONS", "WEIGHT_NORMALISATIONS", "check_options", "option_problems"]
+__all__ = [
+    "META_GRADIENT_MODES",
+    "MCPM_OPTIONS",
+    "VIRTUAL_STEPS",
+    "WEIGHT_NORMALISATIONS",
+    "check_options",
+    "option_problems",
+]
 
 META_GRADIENT_MODES = ("jvp", "second_order")
-WEIGHT_NORMALISATIONS = ("sum", "mean", "none")
+WEIGHT_NORMALISATIONS = ("sum", "class_sum", "mean", "none")
+VIRTUAL_STEPS = ("sgd", "adam")
 
 # what is wrong with a value of the named option, naming it; None when nothing is
 OptionCheck = Callable[[str, Any], str | None]
@@ -45,6 +53,7 @@ def parameter_prefixes(name: str, value: Any) -> str | None:
 MCPM_OPTIONS: dict[str, OptionCheck] = {
     "meta_gradient": one_of(META_GRADIENT_MODES),
     "virtual_lr": number(0, low_open=True),
+    "virtual_step": one_of(VIRTUAL_STEPS),
     "weight_normalisation": one_of(WEIGHT_NORMALISATIONS),
     "meta_interval": number(1, integer=True),
     "warmup_epochs": number(0, integer=True),
@@ -52,6 +61,7 @@ MCPM_OPTIONS: dict[str, OptionCheck] = {
     "max_nonfinite_steps": number(1, integer=True),
     "meta_learning_rate": number(0, low_open=True),
     "meta_batch_size": number(1, integer=True),
+    "clean_loss_weight": number(0),
 }
 
 

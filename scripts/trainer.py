@@ -26,16 +26,36 @@ from monai.utils import CommonKeys as Keys
 from torch import nn
 from torch.optim import Optimizer
 
-from scripts.meta_gradient import Batch, compute_meta_gradient, l2rw_weights, normalise_weights, virtual_step_parameters
+from scripts.meta_gradient import (
+    Batch,
+    adam_preconditioner,
+    compute_meta_gradient,
+    l2rw_weights,
+    normalise_weights,
+    virtual_step_parameters,
+)
 from scripts.meta_net import MetaMaskNet
 from scripts.options import check_options
 
 CORRUPTION_KEY = "corruption_mask"
 WEIGHT_KEY = "weight"
-EPOCH_STATS = ("meta_loss", "weight_mean", "weight_std", "weight_extreme", "weight_corrupted", "weight_unchanged")
-# weights this close to 0 or 1 count as extreme; an epoch with almost only extreme weights has collapsed
+EPOCH_STATS = (
+    "meta_loss",
+    "clean_loss",
+    "weight_mean",
+    "weight_std",
+    "weight_extreme",
+    "weight_corrupted",
+    "weight_unchanged",
+)
+# weights this close to 0 or 1 count as extreme; an epoch where most weights are extreme is collapsing (on a real
+# organ benchmark 60-67% extreme weights came with a failed run, long before 95%)
 EXTREME_MARGIN = 0.05
-COLLAPSE_FRACTION = 0.95
+COLLAPSE_FRACTION = 0.5
+# a meta loss whose epoch mean is this much above its lowest post-warm-up epoch mean, over this many epochs in a
+# row, is rising: the meta steps are not lowering it
+META_LOSS_RISE = 0.1
+META_LOSS_RISE_EPOCHS = 3
 
 
 def _world_size() -> int:
@@ -75,6 +95,9 @@ class MetaReweightTrainer(SupervisedTrainer):
         meta_interval: a meta step every ``meta_interval`` iterations.
         max_nonfinite_steps: an iteration whose loss, meta loss, weights or gradients are not finite is skipped
             with a warning (batch-norm statistics restored); this many in a row stop training.
+        clean_loss_weight: λ; the real step's loss is the re-weighted noisy loss plus λ times the mean loss of a
+            clean meta batch (the same batch as the iteration's meta step), from the first epoch on. 0 (the
+            paper's MCPM) trains on the noisy cases only; 1 gives the clean batch as much say as the noisy one.
 
     The options are checked as ``check_training_config`` checks the config's ``mcpm`` section, with the one
     definition in ``scripts/options.py``.
@@ -97,11 +120,17 @@ class MetaReweightTrainer(SupervisedTrainer):
         warmup_epochs: int = 0,
         meta_interval: int = 1,
         max_nonfinite_steps: int = 5,
+        clean_loss_weight: float = 0.0,
         prepare_batch: Callable = default_prepare_batch,
         train_handlers: Sequence | None = None,
         **kwargs: Any,
     ) -> None:
-        check_options(meta_interval=meta_interval, warmup_epochs=warmup_epochs, max_nonfinite_steps=max_nonfinite_steps)
+        check_options(
+            meta_interval=meta_interval,
+            warmup_epochs=warmup_epochs,
+            max_nonfinite_steps=max_nonfinite_steps,
+            clean_loss_weight=clean_loss_weight,
+        )
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -117,8 +146,11 @@ class MetaReweightTrainer(SupervisedTrainer):
         self.meta_interval = meta_interval
         self.warmup_epochs = warmup_epochs
         self.max_nonfinite_steps = max_nonfinite_steps
+        self.clean_loss_weight = float(clean_loss_weight)
         self._consecutive_skips = 0
         self._meta_batches: Iterator | None = None
+        # the meta batch of the current iteration, shared by its meta step and its clean loss term
+        self._iteration_meta_batch: tuple[int, Batch] | None = None
         self._stat_sums: dict[str, list[float]] = {}
         self.add_event_handler(Events.EPOCH_STARTED, self._start_epoch)
 
@@ -141,6 +173,20 @@ class MetaReweightTrainer(SupervisedTrainer):
         """``batchdata`` on the device as ``prepare_batch`` makes it: image and label, and the extra arguments of
         the network's forward when it returns them, as in ``SupervisedTrainer._iteration``."""
         return Batch(*self.prepare_batch(batchdata, self.state.device, self.non_blocking, **self.to_kwargs))
+
+    def _meta_batch(self) -> Batch:
+        """This iteration's batch of the meta set: drawn with :py:meth:`_next_meta_batch` on the first call of the
+        iteration, the same batch on later calls (the meta step and the clean loss term use one batch)."""
+        if self._iteration_meta_batch is None or self._iteration_meta_batch[0] != self.state.iteration:
+            self._iteration_meta_batch = (self.state.iteration, self._next_meta_batch())
+        return self._iteration_meta_batch[1]
+
+    def _clean_loss(self) -> torch.Tensor:
+        """The mean loss of this iteration's meta batch at the current parameters, for the real step."""
+        meta_batch = self._meta_batch()
+        with self._autocast():
+            pred = self.inferer(meta_batch.image, self.network, *meta_batch.args, **meta_batch.kwargs)
+            return self.loss_function(pred, meta_batch.label).mean()
 
     def _next_meta_batch(self) -> Batch:
         """The next batch of the meta set, restarting the meta loader when it runs out."""
@@ -236,6 +282,10 @@ class MetaReweightTrainer(SupervisedTrainer):
         else:
             weights, coefficients, finite = engine._reweight(batch, pred, loss_map)
             loss = (coefficients * loss_map).sum()
+        if engine.clean_loss_weight > 0:
+            clean_loss = engine._clean_loss()
+            engine.state.output["clean_loss"] = clean_loss.detach()
+            loss = loss + engine.clean_loss_weight * clean_loss
         engine.state.output.setdefault("meta_loss", torch.tensor(float("nan")))
         engine.state.output[Keys.LOSS] = loss
         engine.state.output[WEIGHT_KEY] = weights.unsqueeze(1)
@@ -257,6 +307,8 @@ class MetaReweightTrainer(SupervisedTrainer):
         else:
             engine.optimizer.step()
         engine._consecutive_skips = 0
+        if "clean_loss" in engine.state.output:
+            engine._record("clean_loss", engine.state.output["clean_loss"].item())
         engine._record_weights(weights, corruption)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
@@ -270,7 +322,10 @@ class MCPMTrainer(MetaReweightTrainer):
         meta_optimizer: the optimizer of g(φ).
         meta_gradient: ``"jvp"`` (default, exact and fast) or ``"second_order"`` (the autograd reference).
         virtual_lr: α, the step size of the virtual SGD step.
-        weight_normalisation: ``"sum"``, ``"mean"`` or ``"none"`` (see ``normalise_weights``).
+        virtual_step: ``"sgd"`` (the paper's θ̂ = θ − α ∇θ) or ``"adam"``: the virtual step scaled elementwise by the
+            real Adam optimizer's 1 / (√v̂ + ε) (``adam_preconditioner``), so that it moves each parameter in the
+            direction the real step will; α (``virtual_lr``) is then in the units of Adam's learning rate.
+        weight_normalisation: ``"sum"``, ``"class_sum"``, ``"mean"`` or ``"none"`` (see ``normalise_weights``).
         meta_interval: a meta step every ``meta_interval`` iterations; the current weights apply on all.
         virtual_step_params: name prefixes of the parameters the virtual step moves (all when None, which is
             MCPM); a late-layers subset is cheaper but approximates the method (see ``virtual_step_parameters``).
@@ -287,6 +342,7 @@ class MCPMTrainer(MetaReweightTrainer):
         meta_optimizer: Optimizer,
         meta_gradient: str = "jvp",
         virtual_lr: float = 0.1,
+        virtual_step: str = "sgd",
         weight_normalisation: str = "sum",
         virtual_step_params: Sequence[str] | None = None,
         **kwargs: Any,
@@ -294,18 +350,27 @@ class MCPMTrainer(MetaReweightTrainer):
         check_options(
             meta_gradient=meta_gradient,
             virtual_lr=virtual_lr,
+            virtual_step=virtual_step,
             weight_normalisation=weight_normalisation,
             virtual_step_params=virtual_step_params,
         )
         super().__init__(*args, **kwargs)
+        if virtual_step == "adam" and not all("betas" in group for group in self.optimizer.param_groups):
+            raise ValueError(
+                f"virtual_step 'adam' scales the virtual step as the real Adam optimizer does, but the optimizer is "
+                f"{type(self.optimizer).__name__}; use virtual_step 'sgd' with it."
+            )
         self.meta_network = meta_network.to(self.state.device)
         self.meta_optimizer = meta_optimizer
         self.meta_gradient = meta_gradient
         self.virtual_lr = float(virtual_lr)
+        self.virtual_step = virtual_step
         self.weight_normalisation = weight_normalisation
         self.virtual_step_params = None if virtual_step_params is None else list(virtual_step_params)
         virtual_step_parameters(self.unwrapped_network, self.virtual_step_params)  # fail early on a typo
+        self._meta_loss_history: list[float] = []
         self.add_event_handler(Events.EPOCH_COMPLETED, self._warn_on_collapse)
+        self.add_event_handler(Events.EPOCH_COMPLETED, self._warn_on_rising_meta_loss)
         if _world_size() > 1:
             for tensor in self.meta_network.state_dict().values():
                 dist.broadcast(tensor, src=0)
@@ -317,6 +382,22 @@ class MCPMTrainer(MetaReweightTrainer):
                 f"epoch {self.state.epoch}: the meta mask has collapsed: {extreme:.0%} of the voxel weights are below "
                 f"{EXTREME_MARGIN} or above {1 - EXTREME_MARGIN} (mean {self.state.metrics['weight_mean']:.3f}); try a "
                 "smaller mcpm#meta_learning_rate or more meta cases."
+            )
+
+    def _warn_on_rising_meta_loss(self, engine: MCPMTrainer) -> None:
+        """Warn when the epoch mean of the meta loss has stayed well above its lowest value for several epochs:
+        the meta steps are then not lowering the loss on the clean cases, which MCPM is built to do."""
+        if self.state.epoch <= self.warmup_epochs or math.isnan(self.state.metrics.get("meta_loss", math.nan)):
+            return
+        self._meta_loss_history.append(self.state.metrics["meta_loss"])
+        lowest = min(self._meta_loss_history)
+        recent = self._meta_loss_history[-META_LOSS_RISE_EPOCHS:]
+        if len(recent) == META_LOSS_RISE_EPOCHS and min(recent) > (1 + META_LOSS_RISE) * lowest:
+            self.logger.warning(
+                f"epoch {self.state.epoch}: the meta loss has stayed above {1 + META_LOSS_RISE:g}x its lowest epoch "
+                f"mean ({lowest:.4f}) for {META_LOSS_RISE_EPOCHS} epochs (now {recent[-1]:.4f}): the meta steps are "
+                "not lowering the loss on the clean cases; try mcpm#clean_loss_weight 1, a smaller "
+                "mcpm#meta_learning_rate or more meta cases."
             )
 
     def _reweight(
@@ -334,11 +415,12 @@ class MCPMTrainer(MetaReweightTrainer):
                 loss_map=loss_map,
                 meta_network=self.meta_network,
                 meta_input=meta_input,
-                meta_batch=self._next_meta_batch(),
+                meta_batch=self._meta_batch(),
                 virtual_lr=self.virtual_lr,
                 normalisation=self.weight_normalisation,
                 autocast=self._autocast,
                 virtual_step_params=self.virtual_step_params,
+                preconditioner=self._preconditioner(),
             )
             grads = _rank_mean(grads)  # after the reduction, so that every rank takes the same decision
             finite = _all_finite([meta_loss, *grads])
@@ -352,7 +434,14 @@ class MCPMTrainer(MetaReweightTrainer):
             self.state.output["meta_loss"] = meta_loss
         with torch.no_grad():
             weights = self.meta_network(meta_input)
-        return weights, normalise_weights(weights, self.weight_normalisation), finite
+        return weights, normalise_weights(weights, self.weight_normalisation, batch.label), finite
+
+    def _preconditioner(self) -> dict[str, torch.Tensor] | None:
+        """The elementwise scaling of the virtual step: None (SGD), or the real Adam optimizer's 1 / (√v̂ + ε)."""
+        if self.virtual_step != "adam":
+            return None
+        params = virtual_step_parameters(self.unwrapped_network, self.virtual_step_params)
+        return adam_preconditioner(self.optimizer, params)
 
 
 class L2RWTrainer(MetaReweightTrainer):
@@ -370,7 +459,7 @@ class L2RWTrainer(MetaReweightTrainer):
     ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         if not self.meta_step_due():
             return torch.ones_like(loss_map), normalise_weights(torch.ones_like(loss_map), "sum"), True
-        network, meta_batch = self.unwrapped_network, self._next_meta_batch()
+        network, meta_batch = self.unwrapped_network, self._meta_batch()
         meta_loss, raw = l2rw_weights(network, self.loss_function, batch, meta_batch, self._autocast)
         finite = _all_finite([meta_loss, raw])
         self._record("meta_loss", meta_loss.item())

@@ -9,14 +9,21 @@ import pytest
 import torch
 
 from scripts.losses import voxel_cross_entropy
-from scripts.meta_gradient import Batch, buffer_copies, compute_meta_gradient, l2rw_weights, normalise_weights
+from scripts.meta_gradient import (
+    Batch,
+    adam_preconditioner,
+    buffer_copies,
+    compute_meta_gradient,
+    l2rw_weights,
+    normalise_weights,
+)
 from scripts.meta_net import MetaMaskNet
 from tests.conftest import tiny_unet
 
 
 def _problem(norm: str, inputs=("loss",)):
     network = tiny_unet(norm).double()
-    meta_network = MetaMaskNet(inputs=inputs, hidden_channels=(4,)).double()
+    meta_network = MetaMaskNet(inputs=inputs, num_classes=3, hidden_channels=(4,)).double()
     # a non-uniform start, so that the weights depend on the loss map and the gradient is non-trivial
     torch.nn.init.normal_(meta_network.head.weight, std=0.5)
     image = torch.randn(2, 1, 16, 16, 16, dtype=torch.float64)
@@ -27,7 +34,16 @@ def _problem(norm: str, inputs=("loss",)):
 
 
 def _meta_gradient(
-    mode, network, meta_network, image, label, meta_image, meta_label, normalisation, virtual_step_params=None
+    mode,
+    network,
+    meta_network,
+    image,
+    label,
+    meta_image,
+    meta_label,
+    normalisation,
+    virtual_step_params=None,
+    preconditioner=None,
 ):
     logits = network(image)
     loss_map = voxel_cross_entropy(logits, label)
@@ -35,13 +51,13 @@ def _meta_gradient(
     result = compute_meta_gradient(
         mode=mode, network=network, loss_function=voxel_cross_entropy, batch=Batch(image, label), loss_map=loss_map,
         meta_network=meta_network, meta_input=meta_input, meta_batch=Batch(meta_image, meta_label), virtual_lr=0.1,
-        normalisation=normalisation, virtual_step_params=virtual_step_params,
+        normalisation=normalisation, virtual_step_params=virtual_step_params, preconditioner=preconditioner,
     )
     return result.meta_loss, torch.cat([g.flatten() for g in result.grads])
 
 
 @pytest.mark.parametrize("norm", ["batch", "instance"])
-@pytest.mark.parametrize("normalisation", ["sum", "mean", "none"])
+@pytest.mark.parametrize("normalisation", ["sum", "class_sum", "mean", "none"])
 def test_jvp_equals_second_order(norm, normalisation):
     problem = _problem(norm)
     loss_ref, grad_ref = _meta_gradient("second_order", *problem, normalisation)
@@ -51,8 +67,43 @@ def test_jvp_equals_second_order(norm, normalisation):
     assert ((grad_jvp - grad_ref).norm() / grad_ref.norm()).item() < 1e-8
 
 
+def _adam_stepped(network):
+    """An Adam optimizer of ``network`` with state from two real steps, and its preconditioner."""
+    optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
+    for _ in range(2):
+        optimizer.zero_grad()
+        network(torch.randn(2, 1, 16, 16, 16, dtype=torch.float64)).square().mean().backward()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return optimizer, adam_preconditioner(optimizer, dict(network.named_parameters()))
+
+
+def test_adam_preconditioner_is_adams_scaling():
+    network = tiny_unet("instance").double()
+    optimizer, scales = _adam_stepped(network)
+    assert set(scales) == {name for name, _ in network.named_parameters()}
+    name, param = next(iter(network.named_parameters()))
+    state = optimizer.state[param]
+    expected = 1 / ((state["exp_avg_sq"] / (1 - 0.999**2)).sqrt() + 1e-8)
+    assert torch.allclose(scales[name], expected)
+    # a parameter the optimizer never stepped keeps the plain SGD step
+    assert adam_preconditioner(torch.optim.Adam(network.parameters()), dict(network.named_parameters())) == {}
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_preconditioned_jvp_equals_second_order(norm):
+    problem = _problem(norm)
+    _, scales = _adam_stepped(problem[0])
+    _, grad_ref = _meta_gradient("second_order", *problem, "sum", preconditioner=scales)
+    _, grad_jvp = _meta_gradient("jvp", *problem, "sum", preconditioner=scales)
+    _, grad_sgd = _meta_gradient("jvp", *problem, "sum")
+    assert ((grad_jvp - grad_ref).norm() / grad_ref.norm()).item() < 1e-8
+    # the preconditioner changes the look-ahead, so the meta-gradient differs from the SGD one
+    assert ((grad_jvp - grad_sgd).norm() / grad_sgd.norm()).item() > 1e-3
+
+
 def test_jvp_equals_second_order_with_extra_inputs():
-    problem = _problem("batch", inputs=("loss", "probability", "image"))
+    problem = _problem("batch", inputs=("loss", "probability", "image", "label", "boundary"))
     _, grad_ref = _meta_gradient("second_order", *problem, "sum")
     _, grad_jvp = _meta_gradient("jvp", *problem, "sum")
     assert ((grad_jvp - grad_ref).norm() / grad_ref.norm()).item() < 1e-8
@@ -99,6 +150,23 @@ def test_normalise_weights():
     assert torch.equal(normalise_weights(w, "none"), w)
     with pytest.raises(ValueError, match="weight normalisation"):
         normalise_weights(w, "median")
+
+
+def test_class_sum_normalisation_keeps_every_class_share():
+    weights = torch.rand(2, 4, 4, 4) + 0.01
+    label = torch.randint(0, 3, (2, 1, 4, 4, 4))
+    weights[label[:, 0] == 2] *= 0.01  # the meta network all but drops class 2
+    coefficients = normalise_weights(weights, "class_sum", label)
+    for c in range(3):
+        in_class = label[:, 0] == c
+        assert torch.isclose(coefficients[in_class].sum(), in_class.float().mean(), rtol=1e-5)
+    # the plain sum normalisation hands class 2's share to the others
+    assert normalise_weights(weights, "sum")[label[:, 0] == 2].sum() < 0.1 * (label == 2).float().mean()
+    # uniform weights: the same coefficients as the plain normalisation
+    uniform = torch.full_like(weights, 0.3)
+    assert torch.allclose(normalise_weights(uniform, "class_sum", label), normalise_weights(uniform, "sum"))
+    with pytest.raises(ValueError, match="needs the label"):
+        normalise_weights(weights, "class_sum")
 
 
 def test_unknown_mode_is_rejected():

@@ -257,3 +257,56 @@ def test_l2rw_trainer_weights_from_the_meta_gradient():
         assert (weights == 0).any()  # voxels whose step would not help the meta batch get no weight
     assert not torch.equal(_flat(network), seg0)
     assert math.isfinite(trainer.state.metrics["meta_loss"])
+
+
+def test_clean_loss_joins_the_real_step():
+    """With clean_loss_weight the real step also trains on the iteration's meta batch: the loss is the re-weighted
+    noisy loss plus the weighted mean loss of that batch, and the gradient moves with it."""
+    torch.manual_seed(0)
+    network, meta_network = tiny_unet(out_channels=2), MetaMaskNet(hidden_channels=(4,))
+    plain, mixed = (
+        make_trainer(network=copy.deepcopy(network), meta_network=copy.deepcopy(meta_network), clean_loss_weight=w)
+        for w in (0.0, 2.0)
+    )
+    outputs = {}
+    for name, trainer in (("plain", plain), ("mixed", mixed)):
+        history = _track(trainer)
+        trainer.run()
+        outputs[name] = history[0]
+    first = {name: h["output"][0] for name, h in outputs.items()}  # the decollated output of the first iteration
+    clean = first["mixed"]["clean_loss"]
+    assert "clean_loss" not in first["plain"] and clean > 0
+    # the same noisy batch, weights and meta step: the losses differ by exactly 2 x the clean loss
+    assert math.isclose(float(first["mixed"]["loss"]), float(first["plain"]["loss"]) + 2 * float(clean), rel_tol=1e-5)
+    assert not torch.equal(outputs["mixed"]["seg"], outputs["plain"]["seg"])
+    assert math.isfinite(mixed.state.metrics["clean_loss"])
+
+
+def test_adam_look_ahead_needs_an_adam_optimizer():
+    trainer = make_trainer(virtual_step="adam", virtual_lr=1e-3)
+    trainer.run()
+    assert trainer.state.metrics["meta_loss"] > 0
+    network = tiny_unet(out_channels=2)
+    with pytest.raises(ValueError, match="virtual_step 'adam'"):
+        make_trainer(network=network, virtual_step="adam").__class__(
+            device="cpu",
+            max_epochs=1,
+            train_data_loader=[],
+            network=network,
+            optimizer=torch.optim.SGD(network.parameters(), 0.1),
+            loss_function=VoxelCrossEntropyLoss(reduction="none"),
+            meta_data_loader=[],
+            meta_network=MetaMaskNet(hidden_channels=(4,)),
+            meta_optimizer=torch.optim.SGD(network.parameters(), 0.1),
+            virtual_step="adam",
+        )
+
+
+def test_rising_meta_loss_is_reported(caplog):
+    trainer = make_trainer(max_epochs=5)
+    trainer.state.epoch = 1
+    with caplog.at_level("WARNING"):
+        for epoch, meta_loss in enumerate([0.5, 0.4, 0.6, 0.7, 0.65], start=1):
+            trainer.state.epoch, trainer.state.metrics["meta_loss"] = epoch, meta_loss
+            trainer._warn_on_rising_meta_loss(trainer)
+            assert ("meta loss has stayed above" in caplog.text) == (epoch == 5)
