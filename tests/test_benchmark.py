@@ -11,7 +11,15 @@ import pytest
 
 from scripts.experiments import benchmark
 from scripts.experiments.methods import METHODS
-from scripts.experiments.report import TARGETS, target_checks, write_report
+from scripts.experiments.report import (
+    TARGETS,
+    best_baseline,
+    paired_deltas,
+    paired_table,
+    t_interval,
+    target_checks,
+    write_report,
+)
 from tests.conftest import needs_lidc_database
 
 # one corrupted setting, a tiny network on 16^3 volumes, 2 epochs: every method, every output, in about 2 minutes
@@ -24,12 +32,14 @@ MICRO = [
     "--override", "network_def#strides=[2,2]",
     "--override", "network_def#num_res_units=1",
 ]  # fmt: skip
+# every method but the MCPM variants, which differ from mcpm by config values only (test_every_method_configures)
+MICRO_METHODS = [name for name in METHODS if not name.startswith("mcpm_")] + ["mcpm_clean"]
 
 
 @pytest.fixture(scope="module")
 def micro_run(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("benchmark")
-    report = benchmark.main(["--mode", "quick", "--out_dir", str(out_dir), *MICRO])
+    report = benchmark.main(["--mode", "quick", "--out_dir", str(out_dir), *MICRO, "--methods", *MICRO_METHODS])
     return out_dir, report
 
 
@@ -37,18 +47,20 @@ def test_writes_every_output(micro_run):
     out_dir, report = micro_run
     with open(out_dir / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [r["method"] for r in rows] == list(METHODS)
-    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
+    assert [r["method"] for r in rows] == MICRO_METHODS
+    assert all(0.0 <= float(r["dice"]) <= 1.0 and 0.0 <= float(r["val_dice"]) <= 1.0 for r in rows)
     assert {r["setting"] for r in rows} == {"ed_severe"} and float(rows[0]["changed_fraction"]) > 0
     mcpm = next(r for r in rows if r["method"] == "mcpm")
     assert 0.0 <= float(mcpm["auroc_weight"]) <= 1.0
+    # the meta loss of the first and last epoch with meta steps, read from the run's log
+    assert float(mcpm["meta_loss_first"]) > 0 and float(mcpm["meta_loss_last"]) > 0
     assert 0.0 < float(mcpm["weight_corrupted"]) < 1.0 and 0.0 < float(mcpm["weight_unchanged"]) < 1.0
     # only the meta network's weights can be scored; the loss of every trained network can
-    assert all(math.isnan(float(r["auroc_weight"])) for r in rows if r["method"] != "mcpm")
+    assert all(math.isnan(float(r["auroc_weight"])) for r in rows if not METHODS[r["method"]].meta_network)
     assert all(0.0 <= float(r["auroc_loss"]) <= 1.0 for r in rows)
     text = report.read_text()
-    assert "| ed_severe" in text and "## Targets" in text
-    assert all(method.label in text for method in METHODS.values())
+    assert "| ed_severe" in text and "## Targets" in text and "## Paired differences" in text
+    assert all(METHODS[name].label in text for name in MICRO_METHODS)
     for figure in ("dice_vs_noise.png", "weight_maps.png"):
         assert matplotlib.image.imread(out_dir / figure).ndim == 3
 
@@ -63,8 +75,8 @@ def test_meta_set_only_gets_the_same_number_of_updates(micro_run):
 def test_a_second_invocation_reuses_finished_runs(micro_run, capsys):
     out_dir, _ = micro_run
     before = {p: p.stat().st_mtime_ns for p in (out_dir / "runs").rglob("model.pt")}
-    benchmark.main(["--mode", "quick", "--out_dir", str(out_dir), *MICRO])
-    assert capsys.readouterr().out.count("(reused)") == len(METHODS)
+    benchmark.main(["--mode", "quick", "--out_dir", str(out_dir), *MICRO, "--methods", *MICRO_METHODS])
+    assert capsys.readouterr().out.count("(reused)") == len(MICRO_METHODS)
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
 
@@ -72,7 +84,7 @@ def test_refuses_results_of_other_parameters(micro_run):
     out_dir, _ = micro_run
     changed = [a if a != "2" else "3" for a in MICRO]  # other epochs
     with pytest.raises(ValueError, match="result.json holds a run with other parameters"):
-        benchmark.main(["--mode", "quick", "--out_dir", str(out_dir), *changed])
+        benchmark.main(["--mode", "quick", "--out_dir", str(out_dir), *changed, "--methods", *MICRO_METHODS])
 
 
 def test_rejects_unknown_setting_and_malformed_override(capsys):
@@ -97,23 +109,65 @@ def test_lidc_reader_setting_trains_on_single_readers(tmp_path):
     assert float(rows[0]["changed_fraction"]) > 0 and 0.0 <= float(rows[1]["auroc_weight"]) <= 1.0
 
 
-def _row(setting: str, method: str, dice: float, **values: float) -> dict:
+def _row(setting: str, method: str, dice: float, seed: int = 0, **values: float) -> dict:
     """One run's row as run_benchmark returns it, with the values the report reads."""
-    keys = ("hd95", "auroc_weight", "auroc_loss", "weight_corrupted", "weight_unchanged")
-    row = {"setting": setting, "setting_label": setting, "family": "erosion/dilation", "seed": 0, "method": method}
-    return row | {"changed_fraction": 0.3, "dice": dice, "dice_blob": dice} | {k: values.get(k, math.nan) for k in keys}
+    keys = ("hd95", "auroc_weight", "auroc_loss", "weight_corrupted", "weight_unchanged", "meta_loss_first")
+    row = {"setting": setting, "setting_label": setting, "family": "erosion/dilation", "seed": seed, "method": method}
+    defaults = {"changed_fraction": 0.3, "dice": dice, "dice_blob": dice, "val_dice": dice, "meta_loss_last": 0.5}
+    return row | defaults | {k: values.get(k, math.nan) for k in keys} | values
+
+
+def test_t_interval_and_paired_deltas():
+    mean, low, high = t_interval([0.01, 0.03, 0.02, 0.04, 0.00])
+    # mean 0.02, sd 0.0158, t(0.975, 4) = 2.776: half-width 0.0196
+    assert math.isclose(mean, 0.02) and math.isclose(high - mean, 0.019633, rel_tol=1e-3)
+    assert math.isclose(mean - low, high - mean)
+    assert all(math.isnan(v) for v in t_interval([0.1])[1:]) and math.isnan(t_interval([])[0])
+    rows = [_row("s", "mcpm", 0.7 + k / 100, seed=k) for k in range(3)] + [_row("s", "plain", 0.6, seed=k) for k in (0, 2)]
+    assert paired_deltas(rows, "s", "mcpm", "plain") == pytest.approx({0: 0.1, 2: 0.12})  # only the shared seeds
+
+
+def test_best_baseline_is_chosen_on_validation():
+    rows = [_row("s", "plain", 0.9, val_dice=0.6), _row("s", "union", 0.7, val_dice=0.8)]
+    rows += [_row("s", "clean", 0.95), _row("s", "mcpm_clean", 0.99)]  # neither is a baseline
+    assert best_baseline(rows, "s") == "union"
 
 
 def test_report_checks_the_bundles_targets(tmp_path):
     """The report lists the bundle's targets and marks each measured one met or not, without any training."""
-    rows = [_row("ed_a0.5", "plain", 0.6), _row("ed_a0.5", "clean", 0.8), _row("ed_a0.5", "small_loss", 0.62)]
-    rows += [_row("ed_a0.5", "mcpm", 0.75, auroc_weight=0.9), _row("ed_a0", "plain", 0.8), _row("ed_a0", "mcpm", 0.78)]
+    rows = []
+    for seed, delta in enumerate([0.02, 0.03, 0.04]):
+        rows += [_row("ed_a0.5", "plain", 0.6, seed), _row("ed_a0.5", "clean", 0.8, seed)]
+        rows += [_row("ed_a0.5", "union", 0.7, seed), _row("ed_a0.5", "small_loss", 0.62, seed)]
+        rows += [_row("ed_a0.5", "mcpm", 0.7 + delta, seed, auroc_weight=0.95, auroc_loss=0.9, meta_loss_first=0.6)]
+        rows += [_row("ed_a0", "union", 0.8, seed), _row("ed_a0", "mcpm", 0.78, seed)]
     checks = target_checks(rows)
-    assert len(checks) == len(TARGETS) == 4
-    assert checks[0].startswith("ed_a0.5: MCPM closes 0.75 of the gap") and checks[0].endswith(": met")
-    assert "small-loss truncation 0.620" in checks[1] and checks[2].endswith(": met")
-    assert checks[3].startswith("ed_a0: MCPM − plain Dice -0.0200") and checks[3].endswith("**not met**")
+    assert checks[0].startswith("ed_a0.5: MCPM − plain on noisy + clean cases (best baseline) +0.030, 95% interval")
+    assert checks[0].endswith(": met")
+    assert checks[1].startswith("ed_a0.5: MCPM closes 0.30 of the gap") and checks[1].endswith("**not met**")
+    assert checks[2].startswith("ed_a0: MCPM − union -0.0200 over 3 seeds") and checks[2].endswith("**not met**")
+    assert "weight 0.950 against the loss's 0.900" in checks[3] and checks[3].endswith(": met")
+    # the ed_a0 runs have no meta loss recorded; the three ed_a0.5 ones fell from 0.6 to 0.5
+    assert checks[4] == "the meta loss falls over training on 3 of 3 MCPM runs: met"
+    assert len(TARGETS) == 6
+    table = paired_table(rows)
+    assert "| ed_a0.5 | plain on noisy + clean cases (best baseline) | 3 | +0.030 | [+0.005, +0.055] | 3/3 |" in table
     text = write_report(tmp_path / "results.md", "quick", rows, "python -m x", 60.0, "volumes 16x16x16").read_text()
     assert "The bundle's targets:" in text and all(target in text for target in TARGETS)
-    assert "| ed_a0.5 (ed_a0.5, 30% changed) | MCPM | 1 | 0.750 ± 0.000 |" in text
+    assert "| ed_a0.5 (ed_a0.5, 30% changed) | MCPM | 3 | 0.730 ± 0.010 |" in text
     assert text.rstrip().endswith("Figures: `dice_vs_noise.png`")  # no weight_maps.png when none was drawn
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_configures(name):
+    """Every method's config stack parses, and every value it sets is a key of that stack."""
+    from monai.bundle import ConfigParser
+
+    from scripts.experiments.methods import CONFIGS
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / c) for c in METHODS[name].configs])
+    for key in METHODS[name].overrides:
+        assert key in parser, key
+    expected = "scripts.trainer.MCPMTrainer" if METHODS[name].meta_network else None
+    assert parser["train#trainer#_target_"] == expected or not METHODS[name].meta_network

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +36,55 @@ __all__ = [
     "plan_cases",
     "reuse_existing",
     "smooth_noise",
+    "VARIETIES",
+    "Variety",
 ]
 
 LABELS = {"0": "background", "1": "blob", "2": "tube"}
 MIN_SIZE = 16
 # geometry is defined in the voxel units of a reference 48^3 volume and scaled per axis to the requested shape
 REF_SIZE = 48.0
-BLOB_COUNT = (1, 3)
-BLOB_RADIUS = (4.0, 11.0)
-TUBE_RADIUS = (2.0, 4.0)
 NO_TUBE_PROB = 0.15
+
+
+@dataclass(frozen=True)
+class Variety:
+    """How much cases differ: the ranges each case's structures and imaging are drawn from (reference 48^3 voxels).
+    A range whose ends are equal is a constant and draws nothing, so adding a range leaves the other cases' draws
+    (and the ``standard`` datasets) unchanged."""
+
+    blob_count: tuple[int, int] = (1, 3)
+    blob_radius: tuple[float, float] = (4.0, 11.0)
+    blob_contrast: tuple[float, float] = (0.4, 1.0)
+    tube_radius: tuple[float, float] = (2.0, 4.0)
+    tube_contrast: tuple[float, float] = (0.4, 0.8)
+    texture: tuple[float, float] = (0.05, 0.12)
+    blur: tuple[float, float] = (1.0, 1.0)
+    bias: tuple[float, float] = (0.1, float(np.log(1.3)))
+    noise: tuple[float, float] = (0.1, 0.25)
+
+
+# ``standard``: the cases of the small-data setting; ``wide``: structures, contrast, blur, bias and noise that vary
+# more between cases, so that four clean cases no longer show what forty-eight noisy ones do (docs/results.md)
+VARIETIES = {
+    "standard": Variety(),
+    "wide": Variety(
+        blob_count=(1, 5),
+        blob_radius=(3.0, 12.0),
+        blob_contrast=(0.35, 1.2),
+        tube_radius=(1.5, 4.5),
+        tube_contrast=(0.35, 0.9),
+        texture=(0.04, 0.15),
+        blur=(0.7, 1.3),
+        bias=(0.1, float(np.log(1.5))),
+        noise=(0.08, 0.28),
+    ),
+}
+
+
+def _draw(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
+    """A uniform draw from ``bounds``; the constant itself, drawing nothing, when both ends are equal."""
+    return float(bounds[0]) if bounds[0] == bounds[1] else float(rng.uniform(*bounds))
 
 
 def _reference_grid(shape: Sequence[int]) -> np.ndarray:
@@ -60,15 +100,15 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     return q * np.sign(np.linalg.det(q))
 
 
-def _ellipsoid(rng: np.random.Generator, grid: np.ndarray) -> np.ndarray:
+def _ellipsoid(rng: np.random.Generator, grid: np.ndarray, radius: tuple[float, float]) -> np.ndarray:
     """Mask of one randomly placed, oriented and sized ellipsoid."""
     centre = rng.uniform(0.25 * REF_SIZE, 0.75 * REF_SIZE, size=3)
-    radii = rng.uniform(*BLOB_RADIUS, size=3)
+    radii = rng.uniform(*radius, size=3)
     local = (grid - centre) @ _random_rotation(rng)
     return ((local / radii) ** 2).sum(axis=-1) <= 1.0
 
 
-def _tube(rng: np.random.Generator, grid: np.ndarray) -> np.ndarray:
+def _tube(rng: np.random.Generator, grid: np.ndarray, radius_range: tuple[float, float]) -> np.ndarray:
     """Mask of a tube of constant radius around a smooth sinusoidal path that crosses most of the volume."""
     axis = rng.integers(3)
     t = np.linspace(0.0, 1.0, 16 * int(REF_SIZE))
@@ -80,7 +120,7 @@ def _tube(rng: np.random.Generator, grid: np.ndarray) -> np.ndarray:
         amplitude = rng.uniform(0.08, 0.2) * REF_SIZE
         cycles, phase = rng.uniform(0.5, 1.5), rng.uniform(0.0, 2 * np.pi)
         path[:, other] = centre + amplitude * np.sin(2 * np.pi * cycles * t + phase)
-    radius = rng.uniform(*TUBE_RADIUS)
+    radius = rng.uniform(*radius_range)
     distance, _ = cKDTree(path).query(grid.reshape(-1, 3), distance_upper_bound=radius)
     return np.isfinite(distance).reshape(grid.shape[:-1])
 
@@ -91,15 +131,18 @@ def smooth_noise(rng: np.random.Generator, shape: Sequence[int], sigma: float) -
     return field / field.std()
 
 
-def _bias_field(rng: np.random.Generator, shape: Sequence[int]) -> np.ndarray:
-    """Multiplicative field ``exp(p)`` of a random quadratic polynomial ``p`` with ``max|p|`` up to log(1.3)."""
+def _bias_field(rng: np.random.Generator, shape: Sequence[int], strength: tuple[float, float]) -> np.ndarray:
+    """Multiplicative field ``exp(p)`` of a random quadratic polynomial ``p`` with ``max|p|`` drawn from ``strength``
+    (up to log(1.3) in the standard variety)."""
     x, y, z = np.meshgrid(*[np.linspace(-1.0, 1.0, n) for n in shape], indexing="ij")
     terms = np.stack([x, y, z, x * y, x * z, y * z, x**2, y**2, z**2], axis=-1)
     poly = terms @ rng.normal(size=terms.shape[-1])
-    return np.exp(poly * rng.uniform(0.1, np.log(1.3)) / np.abs(poly).max())
+    return np.exp(poly * rng.uniform(*strength) / np.abs(poly).max())
 
 
-def make_case(rng: np.random.Generator, shape: Sequence[int] = (48, 48, 48)) -> tuple[np.ndarray, np.ndarray]:
+def make_case(
+    rng: np.random.Generator, shape: Sequence[int] = (48, 48, 48), variety: str = "standard"
+) -> tuple[np.ndarray, np.ndarray]:
     """
     Draw one synthetic case.
 
@@ -109,31 +152,36 @@ def make_case(rng: np.random.Generator, shape: Sequence[int] = (48, 48, 48)) -> 
     48^3). The image has background texture, blobs brighter and the tube darker than the background with a
     contrast that varies per case from moderate to weak, partial-volume blur, a multiplicative bias field of up
     to about +-30% and Gaussian noise of varying strength; the background is around 0 and all values lie in
-    about [-1.6, 2].
+    about [-1.6, 2]. These are the ranges of the ``standard`` :py:data:`VARIETIES`; ``wide`` widens them.
 
     Args:
         rng: random generator; the case is a deterministic function of its state.
         shape: spatial shape of the volume.
+        variety: a name of :py:data:`VARIETIES`.
 
     Returns:
         a float32 image and a uint8 label, both of ``shape``.
     """
+    if variety not in VARIETIES:
+        raise ValueError(f"variety must be one of {sorted(VARIETIES)}, got {variety!r}.")
+    ranges = VARIETIES[variety]
     shape = tuple(int(s) for s in shape)
     grid = _reference_grid(shape)
     label = np.zeros(shape, np.uint8)
     ideal = np.ones(shape)
-    blob_contrast = rng.uniform(0.4, 1.0)
-    for _ in range(rng.integers(BLOB_COUNT[0], BLOB_COUNT[1] + 1)):
-        blob = _ellipsoid(rng, grid)
+    blob_contrast = rng.uniform(*ranges.blob_contrast)
+    for _ in range(rng.integers(ranges.blob_count[0], ranges.blob_count[1] + 1)):
+        blob = _ellipsoid(rng, grid, ranges.blob_radius)
         label[blob] = 1
         ideal[blob] = 1.0 + blob_contrast * rng.uniform(0.8, 1.2)
     if rng.random() >= NO_TUBE_PROB:
-        tube = _tube(rng, grid)
+        tube = _tube(rng, grid, ranges.tube_radius)
         label[tube] = 2
-        ideal[tube] = 1.0 - rng.uniform(0.4, 0.8)
-    ideal += rng.uniform(0.05, 0.12) * smooth_noise(rng, shape, sigma=2.0)
-    image = ndimage.gaussian_filter(ideal, sigma=1.0) * _bias_field(rng, shape)
-    image += rng.normal(scale=rng.uniform(0.1, 0.25), size=shape)
+        ideal[tube] = 1.0 - rng.uniform(*ranges.tube_contrast)
+    ideal += rng.uniform(*ranges.texture) * smooth_noise(rng, shape, sigma=2.0)
+    blur = _draw(rng, ranges.blur)
+    image = ndimage.gaussian_filter(ideal, sigma=blur) * _bias_field(rng, shape, ranges.bias)
+    image += rng.normal(scale=rng.uniform(*ranges.noise), size=shape)
     return (image - 1.0).astype(np.float32), label
 
 
@@ -168,6 +216,8 @@ def _validate(generator: dict) -> None:
         if not step > 0:
             raise ValueError(f"spacing entries must be > 0, got {generator['spacing']}.")
     check_number("corrupt_fraction", generator["corrupt_fraction"], 0.0, 1.0)
+    if generator.get("variety", "standard") not in VARIETIES:
+        raise ValueError(f"variety must be one of {sorted(VARIETIES)}, got {generator['variety']!r}.")
 
 
 def reuse_existing(out_dir: Path, generator: dict, files: list[str], overwrite: bool) -> bool:
@@ -213,9 +263,10 @@ def _write_case(
     shape: Sequence[int],
     affine: np.ndarray,
     corrupter: RandLabelCorruptiond,
+    variety: str = "standard",
 ) -> dict:
     """Draw one case, corrupt its label if it is a training case, write its files and return its datalist entry."""
-    image, label = make_case(np.random.default_rng(case_seed), shape)
+    image, label = make_case(np.random.default_rng(case_seed), shape, variety)
     arrays = {"image": image, "label": label}
     if split == "training":
         corrupted = corrupter({"label": label})
@@ -240,6 +291,7 @@ def generate_dataset(
     corrupt_fraction: float = 0.5,
     radius: Sequence[int] = (2, 3),
     corruption: str | Mapping[str, Any] | None = None,
+    variety: str = "standard",
     overwrite: bool = False,
 ) -> Path:
     """
@@ -266,6 +318,8 @@ def generate_dataset(
         radius: inclusive integer range of the erosion/dilation radius in voxels.
         corruption: another noise model instead of erosion/dilation: a preset name or spec of
             :py:func:`scripts.data.corruption.make_corruption` (``radius`` is then unused); recorded in the datalist.
+        variety: how much the cases differ, a name of :py:data:`VARIETIES`; recorded in the datalist unless
+            ``standard``.
         overwrite: replace the files this generator writes if ``out_dir`` already holds any of them.
 
     Raises:
@@ -284,6 +338,8 @@ def generate_dataset(
         "radius": [int(r) for r in radius],
         # as JSON gives it back, so that a spec with tuples still matches the recorded one when reused
         **({"corruption": json.loads(json.dumps(corruption))} if corruption is not None else {}),
+        # recorded only when not the standard variety, so that the datalists written before it existed still match
+        **({"variety": variety} if variety != "standard" else {}),
     }
     _validate(generator)
     if corruption is None:
@@ -306,7 +362,9 @@ def generate_dataset(
     for folder in {Path(name).parent for name in all_files}:
         (out_dir / folder).mkdir(parents=True, exist_ok=True)
     for split, case_seed, case_id in cases:
-        entries[split].append(_write_case(out_dir, split, case_seed, case_id, generator["shape"], affine, corrupter))
+        entries[split].append(
+            _write_case(out_dir, split, case_seed, case_id, generator["shape"], affine, corrupter, variety)
+        )
 
     datalist = {
         "name": "SyntheticBlobsTubes",
@@ -345,6 +403,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
         help="probability that each training label is corrupted, drawn per case (not an exact share of the cases)",
     )
     parser.add_argument("--radius", type=int, nargs=2, default=[2, 3], help="min and max erosion/dilation radius")
+    parser.add_argument(
+        "--variety", choices=sorted(VARIETIES), default="standard", help="how much the cases differ (default: standard)"
+    )
     parser.add_argument(
         "--corruption",
         type=lambda text: json.loads(text) if text.lstrip().startswith("{") else text,

@@ -18,8 +18,9 @@ This module holds the settings, the modes, the orchestration and the result cach
 is launched are in :py:mod:`scripts.experiments.methods`, the statistics, table, targets and figures in
 :py:mod:`scripts.experiments.report`.
 
-    python -m scripts.experiments.benchmark --mode quick   # 2 CPU cores, under 30 minutes
-    python -m scripts.experiments.benchmark --mode full    # meant for a GPU
+    python -m scripts.experiments.benchmark --mode quick     # 32^3, 2 CPU cores, under 30 minutes a seed
+    python -m scripts.experiments.benchmark --mode small     # 48^3, 16 noisy cases: the small-data setting
+    python -m scripts.experiments.benchmark --mode default   # 48^3, 48 noisy cases of wide variety: the default data
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -93,6 +95,7 @@ LIDC_READERS = Setting(
 class Mode:
     """Everything a benchmark run varies: settings, seeds, volume and schedule."""
 
+    name: str
     settings: dict[str, Setting]
     seeds: tuple[int, ...]
     shape: tuple[int, int, int]
@@ -101,6 +104,8 @@ class Mode:
     warmup_epochs: int
     # cases per split: training, meta, validation, test
     cases: tuple[int, int, int, int] = (16, 4, 4, 6)
+    # how much the synthetic cases differ (scripts.data.synthetic.VARIETIES)
+    variety: str = "standard"
     methods: tuple[str, ...] = tuple(METHODS)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -109,6 +114,7 @@ class Mode:
 # radii are scaled with them, so that each setting corrupts a similar share of every structure in both modes.
 MODES: dict[str, Mode] = {
     "quick": Mode(
+        "quick",
         settings={
             "ed_a0": _erode_dilate(0.0, (1, 2)),
             "ed_a0.5": _erode_dilate(0.5, (1, 2)),
@@ -122,7 +128,9 @@ MODES: dict[str, Mode] = {
         val_interval=5,
         warmup_epochs=5,
     ),
-    "full": Mode(
+    # today's small-data setting: 16 noisy cases of the standard variety, where 4 clean cases come close to 16
+    "small": Mode(
+        "small",
         settings={
             "ed_a0": _erode_dilate(0.0, (2, 3)),
             "ed_a0.25": _erode_dilate(0.25, (2, 3)),
@@ -136,6 +144,25 @@ MODES: dict[str, Mode] = {
         epochs=40,
         val_interval=5,
         warmup_epochs=5,
+    ),
+    # the default data's regime: 48 noisy cases that vary more, 4 clean ones; 16 epochs of 24 updates (384, about
+    # the small setting's 320), so that a run costs about the same
+    "default": Mode(
+        "default",
+        settings={
+            "ed_a0": _erode_dilate(0.0, (2, 3)),
+            "ed_a0.5": _erode_dilate(0.5, (2, 3)),
+            "ed_severe": _erode_dilate(0.9, (3, 5)),
+            "markov_a0.5": _markov(0.5, 80),
+            "lidc_readers": LIDC_READERS,
+        },
+        seeds=(0, 1, 2, 3, 4),
+        shape=(48, 48, 48),
+        epochs=16,
+        val_interval=2,
+        warmup_epochs=2,
+        cases=(48, 4, 8, 8),
+        variety="wide",
     ),
 }
 
@@ -177,6 +204,7 @@ def train_and_evaluate(
         epochs, val_interval = max(1, round(epochs * factor)), max(1, round(val_interval * factor))
     overrides = {
         **bundle_overrides(mode, setting_name, dataset_dir, run_dir),
+        **method.overrides,
         "seed": seed,
         "epochs": epochs,
         "val_interval": val_interval,
@@ -187,12 +215,20 @@ def train_and_evaluate(
     bundle_run(method.configs, log_path=log_path, overwrite=True, **overrides)
     train_seconds = time.time() - start
 
-    # in-process: an evaluation is too short to pay for a new interpreter; its results are in the CSVs, not the log
+    # in-process: an evaluation is too short to pay for a new interpreter; its results are in the CSVs, not the log.
+    # The validation split (what defaults are chosen on) goes to its own folder, the test split to the run's.
     logging.disable(logging.WARNING)
     try:
-        run_workflow(config_file=[*configs, str(CONFIGS / "evaluate.json")], logging_file=False, **overrides)
+        evaluation = [*configs, str(CONFIGS / "evaluate.json")]
+        validation_dir = run_dir / "validation"
+        run_workflow(
+            config_file=evaluation, logging_file=False, **{**overrides, "output_dir": str(validation_dir)},
+            eval_split="validation",
+        )
+        run_workflow(config_file=evaluation, logging_file=False, **overrides)
     finally:
         logging.disable(logging.NOTSET)
+    val_dice = read_case_dice(validation_dir / "val_mean_dice_raw.csv")
     dice = read_case_dice(run_dir / "val_mean_dice_raw.csv")
     hd95 = read_case_dice(run_dir / "val_hd95_raw.csv")
     models = load_trained(configs, overrides, with_meta_network=method.meta_network)
@@ -202,11 +238,27 @@ def train_and_evaluate(
     }
     return {
         "dice": nanmean([nanmean(v) for v in dice.values()]),
+        "val_dice": nanmean([nanmean(v) for v in val_dice.values()]),
         **per_class,
         "hd95": nanmean([nanmean(v) for v in hd95.values()]),
         "epochs": epochs,
         "train_seconds": round(train_seconds, 1),
+        **meta_loss_trend(log_path),
         **detection,
+    }
+
+
+# the epoch metrics StatsHandler logs for the trainer: "Epoch[7] Metrics -- ... meta_loss: 0.1234 ..."
+META_LOSS_PATTERN = re.compile(r"Epoch\[(\d+)\] Metrics -- .*?\bmeta_loss: ([-+0-9.eE]+|nan)")
+
+
+def meta_loss_trend(log_path: Path) -> dict[str, float]:
+    """The epoch mean of the meta loss in the first and the last epoch with meta steps, from a run's log (NaN for a
+    method without a meta loss): whether the meta steps lowered the loss on the clean cases over training."""
+    losses = [float(m.group(2)) for m in META_LOSS_PATTERN.finditer(log_path.read_text(errors="replace"))]
+    return {
+        "meta_loss_first": losses[0] if losses else math.nan,
+        "meta_loss_last": losses[-1] if losses else math.nan,
     }
 
 
@@ -230,8 +282,10 @@ def run_spec(mode: Mode, setting_name: str, seed: int, method_name: str) -> dict
                 "seed": seed,
                 "method": method_name,
                 "configs": list(METHODS[method_name].configs),
+                **({"overrides": METHODS[method_name].overrides} if METHODS[method_name].overrides else {}),
                 "shape": list(setting_shape(mode, setting_name)),
                 "cases": list(mode.cases),
+                **({"variety": mode.variety} if mode.variety != "standard" else {}),
                 "epochs": mode.epochs,
                 "val_interval": mode.val_interval,
                 "warmup_epochs": mode.warmup_epochs,
@@ -262,7 +316,9 @@ def dataset_for(mode: Mode, setting_name: str, seed: int, out_dir: Path) -> Path
         return generate_lidc_phantom(folder, **common)
     if setting.generator != "synthetic":
         raise ValueError(f"unknown generator {setting.generator!r} of setting {setting_name!r}.")
-    return generate_dataset(folder, corrupt_fraction=setting.alpha, corruption=setting.corruption, **common)
+    return generate_dataset(
+        folder, corrupt_fraction=setting.alpha, corruption=setting.corruption, variety=mode.variety, **common
+    )
 
 
 def _run_dir(out_dir: Path, setting_name: str, seed: int, method_name: str) -> Path:
@@ -304,6 +360,9 @@ def run_benchmark(mode: Mode, out_dir: Path) -> list[dict[str, Any]]:
                 run_dir = _run_dir(out_dir, setting_name, seed, method_name)
                 if run_dir in saved:
                     result, status = saved[run_dir], "reused"
+                    if "meta_loss_first" not in result and (run_dir / "bundle.log").is_file():
+                        # a run saved before the trend was recorded: it is in the run's log
+                        result = {**result, **meta_loss_trend(run_dir / "bundle.log")}
                 else:
                     run_dir.mkdir(parents=True, exist_ok=True)
                     method = METHODS[method_name]
@@ -315,6 +374,7 @@ def run_benchmark(mode: Mode, out_dir: Path) -> list[dict[str, Any]]:
                     status = f"{result['train_seconds']:.0f} s training"
                 rows.append(
                     {
+                        "mode": mode.name,
                         "setting": setting_name,
                         "family": setting.family,
                         "setting_label": setting.label,

@@ -13,8 +13,9 @@ import json
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 __all__ = ["BUNDLE_ROOT", "CONFIGS", "METHODS", "Method", "bundle_run", "class_names", "read_case_dice"]
 
@@ -28,24 +29,53 @@ CONFIGS = BUNDLE_ROOT / "configs"
 
 @dataclass(frozen=True)
 class Method:
-    """A training method: the configs merged for it, and whether it learns a meta mask network."""
+    """A training method: the configs merged for it, the config values it sets (an MCPM option, say), and whether
+    it learns a meta mask network."""
 
     label: str
     configs: tuple[str, ...]
     meta_network: bool = False
     # plain training on the meta set alone sees fewer cases per epoch; its epochs are scaled to the same updates
     meta_set_only: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)
 
+
+def _mcpm(label: str, **options: Any) -> Method:
+    """MCPM with ``configs/train.json`` and these values of its ``mcpm`` section (or other keys, ``#``-separated)."""
+    overrides = {key if "#" in key else f"mcpm#{key}": value for key, value in options.items()}
+    return Method(label, ("train.json",), meta_network=True, overrides=overrides)
+
+
+# MCPM as the paper has it (Wang et al. 2020): plain SGD look-ahead, the noisy cases alone in the real step
+PAPER_MCPM = {"clean_loss_weight": 0.0, "virtual_step": "sgd", "virtual_lr": 0.1, "weight_normalisation": "sum"}
+
+
+BASELINE = ("train.json", "train_baseline.json")
 
 METHODS: dict[str, Method] = {
-    "clean": Method("clean labels (upper bound)", ("train.json", "train_baseline.json", "train_clean_labels.json")),
-    "plain": Method("plain, noisy labels", ("train.json", "train_baseline.json")),
-    "small_loss": Method("small-loss truncation", ("train.json", "train_baseline.json", "train_small_loss.json")),
+    "clean": Method("clean labels (upper bound)", (*BASELINE, "train_clean_labels.json")),
+    "plain": Method("plain, noisy labels", BASELINE),
+    "plain_dicece": Method("plain, noisy labels, DiceCE loss", (*BASELINE, "train_plain_dicece.json")),
+    "union": Method("plain on noisy + clean cases", (*BASELINE, "train_union.json")),
+    "balanced": Method("plain, 1 clean + 1 noisy per batch", (*BASELINE, "train_balanced.json")),
+    "finetune": Method("plain, then fine-tuned on clean", (*BASELINE, "train_finetune.json")),
+    "gce": Method("generalised cross-entropy", (*BASELINE, "train_gce.json")),
+    "small_loss": Method("small-loss truncation", (*BASELINE, "train_small_loss.json")),
     "l2rw": Method("pixel-wise L2RW", ("train.json", "train_l2rw.json")),
-    "meta_only": Method(
-        "meta set only", ("train.json", "train_baseline.json", "train_meta_only.json"), meta_set_only=True
-    ),
+    "meta_only": Method("meta set only", (*BASELINE, "train_meta_only.json"), meta_set_only=True),
     "mcpm": Method("MCPM", ("train.json",), meta_network=True),
+    "mcpm_paper": _mcpm("MCPM as published", **PAPER_MCPM),
+    # the levers of docs/mcpm.md, each one change from the published MCPM
+    "mcpm_clean": _mcpm("MCPM + clean loss", **{**PAPER_MCPM, "clean_loss_weight": 1.0}),
+    "mcpm_adam": _mcpm("MCPM, Adam look-ahead", **{**PAPER_MCPM, "virtual_step": "adam", "virtual_lr": 0.002}),
+    "mcpm_class": _mcpm("MCPM, class-wise weights", **{**PAPER_MCPM, "weight_normalisation": "class_sum"}),
+    "mcpm_inputs": _mcpm(
+        "MCPM, label + boundary inputs", **PAPER_MCPM, **{"meta_network_def#inputs": ["loss", "label", "boundary"]}
+    ),
+    "mcpm_clean_adam": _mcpm(
+        "MCPM + clean loss, Adam look-ahead",
+        **{**PAPER_MCPM, "clean_loss_weight": 1.0, "virtual_step": "adam", "virtual_lr": 0.002},
+    ),
 }
 
 
