@@ -6,7 +6,8 @@ bundle's own configs (same network, data, schedule and number of updates for all
 labels with ``evaluate.json``, and scores the training labels with the trained networks (:py:mod:`scripts.audit`).
 Then it writes into ``--out_dir``:
 
-- ``results.csv``: one row per run (Dice per class, HD95, training time, corruption detection);
+- ``results.csv``: one row per run (mode/setting, seed, method, test and validation Dice, Dice per class, HD95,
+  training time, the meta loss of the first and last epoch, corruption detection);
 - ``results.md``: mean +- std over seeds per setting and method, gap closed, detection figures;
 - ``dice_vs_noise.png``: Dice against noise strength per method;
 - ``weight_maps.png``: image, clean label, corrupted label and MCPM weight map of a few training cases.
@@ -496,7 +497,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     start = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = run_benchmark(mode, out_dir)
-    write_csv(rows, out_dir / "results.csv")
+    # the CSV names each setting with its mode ("default/ed_a0.5"), so that rows of several modes cannot be confused
+    write_csv([{**row, "setting": f"{row['mode']}/{row['setting']}"} for row in rows], out_dir / "results.csv")
     plot_dice_vs_noise(rows, out_dir / "dice_vs_noise.png")
     figure_setting, weight_maps = weight_figure_setting(mode), None
     if figure_setting and "mcpm" in mode.methods and weight_map_figure(mode, out_dir, figure_setting, mode.seeds[0]):
