@@ -347,18 +347,26 @@ def saved_results(mode: Mode, out_dir: Path) -> dict[Path, dict[str, Any]]:
     return saved
 
 
-def run_benchmark(mode: Mode, out_dir: Path) -> list[dict[str, Any]]:
-    """Run (or reuse) every setting x seed x method of ``mode``; returns one row per run."""
+def run_benchmark(mode: Mode, out_dir: Path, train: bool = True) -> list[dict[str, Any]]:
+    """Run (or reuse) every setting x seed x method of ``mode``; returns one row per run. With ``train`` False
+    only the finished runs are read (a report of what is there while other runs are still going)."""
     saved = saved_results(mode, out_dir)
     rows = []
     total = len(mode.settings) * len(mode.seeds) * len(mode.methods)
     start = time.time()
     for setting_name, setting in mode.settings.items():
         for seed in mode.seeds:
+            if not train and not any(_run_dir(out_dir, setting_name, seed, m) in saved for m in mode.methods):
+                continue
             datalist = dataset_for(mode, setting_name, seed, out_dir)
             strength = changed_voxel_fraction(datalist)
             for method_name in mode.methods:
                 run_dir = _run_dir(out_dir, setting_name, seed, method_name)
+                if run_dir not in saved and (run_dir / "result.json").is_file():
+                    # finished since this invocation started, by another one on the same out_dir
+                    saved.update(saved_results(replace(mode, settings={setting_name: setting}, seeds=(seed,)), out_dir))
+                if run_dir not in saved and not train:
+                    continue
                 if run_dir in saved:
                     result, status = saved[run_dir], "reused"
                     if "meta_loss_first" not in result and (run_dir / "bundle.log").is_file():
@@ -405,14 +413,18 @@ def weight_figure_setting(mode: Mode) -> str | None:
     return (preferred or corrupted or [None])[0]
 
 
-def weight_map_figure(mode: Mode, out_dir: Path, setting_name: str, seed: int, num_cases: int = 3) -> Path | None:
-    """Draw ``weight_maps.png`` from the MCPM run of one setting and seed: its most corrupted training cases."""
-    run_dir = _run_dir(out_dir, setting_name, seed, "mcpm")
+def weight_map_figure(
+    mode: Mode, out_dir: Path, setting_name: str, seed: int, method_name: str = "mcpm", num_cases: int = 3
+) -> Path | None:
+    """Draw ``weight_maps.png`` from the run of an MCPM method on one setting and seed: its most corrupted training
+    cases."""
+    run_dir = _run_dir(out_dir, setting_name, seed, method_name)
     if not (run_dir / "result.json").is_file():
         return None
     dataset_dir = out_dir / "data" / setting_name / f"seed{seed}"
-    overrides = bundle_overrides(mode, setting_name, dataset_dir, run_dir)
-    models = load_trained([str(CONFIGS / "train.json")], overrides)
+    method = METHODS[method_name]
+    overrides = {**bundle_overrides(mode, setting_name, dataset_dir, run_dir), **method.overrides}
+    models = load_trained([str(CONFIGS / name) for name in method.configs], overrides)
     scores = sorted(score_cases(models), key=lambda c: int(c.corruption_mask.sum()), reverse=True)[:num_cases]
     preprocessing = models.parser.get_parsed_content("validate#preprocessing")
     training = json.loads((dataset_dir / DATALIST).read_text())["training"]
@@ -422,7 +434,7 @@ def weight_map_figure(mode: Mode, out_dir: Path, setting_name: str, seed: int, n
         files = {"image": entries[case.name]["image"], "label": entries[case.name]["clean_label"]}
         clean[case.name] = np.asarray(preprocessing({k: str(dataset_dir / v) for k, v in files.items()})["label"][0])
     path = out_dir / "weight_maps.png"
-    title = f"MCPM weights after training: {setting_name} ({mode.settings[setting_name].label}), seed {seed}"
+    title = f"{method.label} weights after training: {setting_name} ({mode.settings[setting_name].label}), seed {seed}"
     plot_weight_maps(scores, clean, path, title)
     return path
 
@@ -446,7 +458,15 @@ def _parse_override(parser: argparse.ArgumentParser, text: str) -> tuple[str, An
         return key, value
 
 
-def parse_mode(argv: Sequence[str] | None) -> tuple[str, Mode, Path]:
+@dataclass(frozen=True)
+class Options:
+    """What an invocation does beyond its mode: whether it trains missing runs, and which MCPM the report is of."""
+
+    train: bool = True
+    reference: str = "mcpm"
+
+
+def parse_mode(argv: Sequence[str] | None) -> tuple[str, Mode, Path, Options]:
     """The mode chosen on the command line, with its fields overridden by the options given."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=sorted(MODES), default="quick")
@@ -464,6 +484,12 @@ def parse_mode(argv: Sequence[str] | None) -> tuple[str, Mode, Path]:
         help="volume and patch size of the synthetic settings (lidc_readers keeps its own 32x32x16)",
     )
     parser.add_argument("--cases", type=int, nargs=4, metavar=("TRAIN", "META", "VAL", "TEST"))
+    parser.add_argument(
+        "--report_only", action="store_true", help="train nothing: write the report of the runs finished so far"
+    )
+    parser.add_argument(
+        "--reference", default="mcpm", choices=list(METHODS), help="the MCPM method the paired differences are of"
+    )
     parser.add_argument(
         "--override",
         action="append",
@@ -488,25 +514,39 @@ def parse_mode(argv: Sequence[str] | None) -> tuple[str, Mode, Path]:
         "extra": {**mode.extra, **dict(_parse_override(parser, t) for t in args.override)} if args.override else None,
     }
     mode = replace(mode, **{k: v for k, v in changes.items() if v is not None})
-    return args.mode, mode, args.out_dir or BUNDLE_ROOT / "runs" / f"benchmark_{args.mode}"
+    out_dir = args.out_dir or BUNDLE_ROOT / "runs" / f"benchmark_{args.mode}"
+    return args.mode, mode, out_dir, Options(train=not args.report_only, reference=args.reference)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
     """Run the benchmark and write its CSV, Markdown report and figures; returns the report's path."""
-    mode_name, mode, out_dir = parse_mode(argv)
+    mode_name, mode, out_dir, options = parse_mode(argv)
     start = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = run_benchmark(mode, out_dir)
+    rows = run_benchmark(mode, out_dir, options.train)
+    if not rows:
+        raise SystemExit(f"no finished runs of these settings, seeds and methods in {out_dir}.")
     # the CSV names each setting with its mode ("default/ed_a0.5"), so that rows of several modes cannot be confused
     write_csv([{**row, "setting": f"{row['mode']}/{row['setting']}"} for row in rows], out_dir / "results.csv")
     plot_dice_vs_noise(rows, out_dir / "dice_vs_noise.png")
-    figure_setting, weight_maps = weight_figure_setting(mode), None
-    if figure_setting and "mcpm" in mode.methods and weight_map_figure(mode, out_dir, figure_setting, mode.seeds[0]):
-        weight_maps = f"{figure_setting}, seed {mode.seeds[0]}"
+    figure_setting, weight_maps, reference = weight_figure_setting(mode), None, options.reference
+    if (
+        figure_setting
+        and reference in mode.methods
+        and weight_map_figure(mode, out_dir, figure_setting, mode.seeds[0], reference)
+    ):
+        weight_maps = f"{reference}, {figure_setting}, seed {mode.seeds[0]}"
     command = "python -m scripts.experiments.benchmark " + " ".join(sys.argv[1:] if argv is None else argv)
     seconds = time.time() - start
     report = write_report(
-        out_dir / "results.md", mode_name, rows, command.strip(), seconds, describe_mode(mode), weight_maps
+        out_dir / "results.md",
+        mode_name,
+        rows,
+        command.strip(),
+        seconds,
+        describe_mode(mode),
+        weight_maps,
+        reference=options.reference,
     )
     print("\n" + report.read_text())
     return report
