@@ -146,6 +146,7 @@ def test_report_checks_the_bundles_targets(tmp_path):
     assert checks[0].startswith("ed_a0.5: MCPM − plain on noisy + clean cases (best baseline) +0.030, 95% interval")
     assert checks[0].endswith(": met")
     assert checks[1].startswith("ed_a0.5: MCPM closes 0.30 of the gap") and checks[1].endswith("**not met**")
+    assert "over 3 seeds" in checks[1]
     assert checks[2].startswith("ed_a0: MCPM − union -0.0200 over 3 seeds") and checks[2].endswith("**not met**")
     assert "weight 0.950 against the loss's 0.900" in checks[3] and checks[3].endswith(": met")
     # the ed_a0 runs have no meta loss recorded; the three ed_a0.5 ones fell from 0.6 to 0.5

@@ -229,22 +229,28 @@ def target_checks(
             f"{_interval(low, high)} over {n} seeds (target: above zero): {_met(low > 0)}"
         )
         if (noisy, "clean") in groups:
-            gap = groups[(noisy, "clean")]["dice"] - groups[(noisy, best)]["dice"]
-            closed = (groups[(noisy, reference)]["dice"] - groups[(noisy, best)]["dice"]) / gap if gap > 0 else math.nan
+            # over the seeds where all three ran, so that the three means are of the same datasets
+            gained, gaps = paired_deltas(rows, noisy, reference, best), paired_deltas(rows, noisy, "clean", best)
+            seeds = sorted(set(gained) & set(gaps))
+            gap = float(np.mean([gaps[k] for k in seeds])) if seeds else math.nan
+            closed = float(np.mean([gained[k] for k in seeds])) / gap if gap > 0 else math.nan
             checks.append(
-                f"{noisy}: MCPM closes {_fmt(closed, 2)} of the gap between {_method_label(best)} and clean labels "
-                f"(target ≥ 0.60): {_met(closed >= 0.6)}"
+                f"{noisy}: {_method_label(reference)} closes {_fmt(closed, 2)} of the gap between {_method_label(best)} "
+                f"and clean labels over {len(seeds)} seeds (target ≥ 0.60): {_met(closed >= 0.6)}"
             )
     best_severe = best_baseline(rows, severe)
     if (severe, reference) in groups and best_severe:
         mean, low, high, n = _delta_check(rows, severe, reference, best_severe)
         checks.append(
-            f"{severe}: MCPM − {_method_label(best_severe)} (best baseline) {mean:+.3f} over {n} seeds (target ≥ 0): "
-            f"{_met(mean >= 0)}"
+            f"{severe}: {_method_label(reference)} − {_method_label(best_severe)} (best baseline) {mean:+.3f} over "
+            f"{n} seeds (target ≥ 0): {_met(mean >= 0)}"
         )
     if (noise_free, reference) in groups and (noise_free, "union") in groups:
         mean, low, high, n = _delta_check(rows, noise_free, reference, "union")
-        checks.append(f"{noise_free}: MCPM − union {mean:+.4f} over {n} seeds (target ≥ −0.0100): {_met(mean >= -0.01)}")
+        checks.append(
+            f"{noise_free}: {_method_label(reference)} − union {mean:+.4f} over {n} seeds (target ≥ −0.0100): "
+            f"{_met(mean >= -0.01)}"
+        )
     if (noisy, reference) in groups:
         runs = groups[(noisy, reference)]["rows"]
         weight, loss = (_mean_std([r[key] for r in runs])[0] for key in ("auroc_weight", "auroc_loss"))
