@@ -81,6 +81,21 @@ def test_a_second_invocation_reuses_finished_runs(micro_run, capsys):
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
 
+def test_report_only_reads_the_finished_runs(micro_run, capsys):
+    out_dir, _ = micro_run
+    before = {p: p.stat().st_mtime_ns for p in (out_dir / "runs").rglob("model.pt")}
+    args = ["--mode", "quick", "--out_dir", str(out_dir), *MICRO, "--report_only", "--reference", "mcpm_clean"]
+    report = benchmark.main([*args, "--methods", "plain", "gce", "mcpm_clean"])  # gce never ran
+    assert capsys.readouterr().out.count("(reused)") == 2
+    with open(out_dir / "results.csv", newline="") as f:
+        assert [r["method"] for r in csv.DictReader(f)] == ["plain", "mcpm_clean"]
+    assert "MCPM + clean loss − method" in report.read_text()
+    assert not (out_dir / "runs" / "ed_severe" / "seed0" / "gce").exists()
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    with pytest.raises(SystemExit, match="no finished runs"):
+        benchmark.main([*args, "--methods", "gce"])
+
+
 def test_refuses_results_of_other_parameters(micro_run):
     out_dir, _ = micro_run
     changed = [a if a != "2" else "3" for a in MICRO]  # other epochs

@@ -331,7 +331,19 @@ def machine_description() -> str:
     """The machine a benchmark ran on, for its report."""
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU"
+    return f"{_cpu_name()}, {os.cpu_count()} CPU cores, no GPU"
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows: figures differ across CPUs in
+    their last digits, so every report names it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def write_report(
