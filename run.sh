@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up the bundle's Python environments (pinned requirements) and run the main job or the tests.
 #   bash run.sh main [options of scripts/experiments/demo.py]   # default data, MCPM vs plain training, Dice table
-#   bash run.sh test [pytest options]               # lint (python -m tools.lint), then the test suite (what CI runs)
+#   bash run.sh test [pytest options]               # lint (python -m tools.lint), then the test suite on every core (what CI runs)
 #   bash run.sh benchmark [options of scripts/experiments/benchmark.py]  # MCPM against every baseline over noise settings and seeds
 # .venv (requirements.txt) runs everything; `test` also builds .venv-monailabel (requirements-monailabel.txt), the
 # MONAI Label server that tests/test_monailabel.py starts (docs/monailabel.md says why it is a venv of its own).
@@ -36,6 +36,7 @@ case "$command" in
     test)
         setup_venv .venv-monailabel requirements-monailabel.txt
         "$venv/bin/python" -m tools.lint
-        exec "$venv/bin/python" -m pytest tests "$@" ;;
+        # one worker per core, each test file on one worker (its module fixtures are built once); `-n 0` runs serially
+        exec "$venv/bin/python" -m pytest tests -n auto --dist loadfile "$@" ;;
     *) echo "usage: bash run.sh main|test|benchmark [options]" >&2; exit 2 ;;
 esac

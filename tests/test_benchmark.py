@@ -32,9 +32,10 @@ MICRO = [
     "--override", "network_def#strides=[2,2]",
     "--override", "network_def#num_res_units=1",
 ]  # fmt: skip
-# the methods whose data, sampler, handler or trainer differ; the others change a loss or an MCPM option only, and
-# test_every_method_configures checks their config stacks (the losses and options have unit tests of their own)
-MICRO_METHODS = ["clean", "plain", "union", "balanced", "finetune", "l2rw", "meta_only", "mcpm", "mcpm_clean"]
+# every override file whose data, sampler, handler, loss or trainer differs, each trained once through
+# `python -m monai.bundle run`; the methods that change a loss or an MCPM option only are checked by
+# test_every_method_configures (the losses and options have unit tests of their own)
+MICRO_METHODS = ["clean", "plain", "union", "balanced", "finetune", "l2rw", "small_loss", "meta_only", "mcpm"]
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,11 @@ def test_writes_every_output(micro_run):
     # only the meta network's weights can be scored; the loss of every trained network can
     assert all(math.isnan(float(r["auroc_weight"])) for r in rows if not METHODS[r["method"]].meta_network)
     assert all(0.0 <= float(r["auroc_loss"]) <= 1.0 for r in rows)
+    # each method trained its segmentation network, and only the meta-network methods saved a meta network
+    runs = out_dir / "runs" / "ed_severe" / "seed0"
+    assert all((runs / name / "models" / "model.pt").is_file() for name in MICRO_METHODS)
+    saved = [name for name in MICRO_METHODS if (runs / name / "models" / "meta_network.pt").exists()]
+    assert saved == [name for name in MICRO_METHODS if METHODS[name].meta_network]
     text = report.read_text()
     assert "| ed_severe" in text and "## Targets" in text and "## Paired differences" in text
     assert all(METHODS[name].label in text for name in MICRO_METHODS)
@@ -84,12 +90,12 @@ def test_a_second_invocation_reuses_finished_runs(micro_run, capsys):
 def test_report_only_reads_the_finished_runs(micro_run, capsys):
     out_dir, _ = micro_run
     before = {p: p.stat().st_mtime_ns for p in (out_dir / "runs").rglob("model.pt")}
-    args = ["--mode", "quick", "--out_dir", str(out_dir), *MICRO, "--report_only", "--reference", "mcpm_clean"]
-    report = benchmark.main([*args, "--methods", "plain", "gce", "mcpm_clean"])  # gce never ran
+    args = ["--mode", "quick", "--out_dir", str(out_dir), *MICRO, "--report_only", "--reference", "l2rw"]
+    report = benchmark.main([*args, "--methods", "plain", "gce", "l2rw"])  # gce never ran
     assert capsys.readouterr().out.count("(reused)") == 2
     with open(out_dir / "results.csv", newline="") as f:
-        assert [r["method"] for r in csv.DictReader(f)] == ["plain", "mcpm_clean"]
-    assert "MCPM + clean loss − method" in report.read_text()
+        assert [r["method"] for r in csv.DictReader(f)] == ["plain", "l2rw"]
+    assert "pixel-wise L2RW − method" in report.read_text()  # and no weight map figure: L2RW has no meta network
     assert not (out_dir / "runs" / "ed_severe" / "seed0" / "gce").exists()
     assert {p: p.stat().st_mtime_ns for p in before} == before
     with pytest.raises(SystemExit, match="no finished runs"):
@@ -115,14 +121,13 @@ def test_rejects_unknown_setting_and_malformed_override(capsys):
 @needs_lidc_database
 def test_lidc_reader_setting_trains_on_single_readers(tmp_path):
     """The semi-synthetic LIDC setting: two classes, one nodule per case, every training label one reader's."""
-    micro = [*MICRO[2:], "--settings", "lidc_readers", "--methods", "plain", "mcpm"]  # its own 32x32x16 volumes
+    micro = [*MICRO[2:], "--settings", "lidc_readers", "--methods", "mcpm"]  # its own 32x32x16 volumes
     benchmark.main(["--mode", "quick", "--out_dir", str(tmp_path), *micro])
     with open(tmp_path / "results.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert [r["method"] for r in rows] == ["plain", "mcpm"]
-    assert all(0.0 <= float(r["dice_nodule"]) <= 1.0 for r in rows)
+        (row,) = csv.DictReader(f)
+    assert row["method"] == "mcpm" and 0.0 <= float(row["dice_nodule"]) <= 1.0
     # every training label is a single reader's outline: some voxels always differ from the consensus
-    assert float(rows[0]["changed_fraction"]) > 0 and 0.0 <= float(rows[1]["auroc_weight"]) <= 1.0
+    assert float(row["changed_fraction"]) > 0 and 0.0 <= float(row["auroc_weight"]) <= 1.0
 
 
 def _row(setting: str, method: str, dice: float, seed: int = 0, **values: float) -> dict:

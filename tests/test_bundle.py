@@ -93,25 +93,6 @@ def test_baseline_from_bundle_root(dataset, tmp_path):
     assert "meta_network" not in torch.load(tmp_path / "models" / "checkpoint_final.pt", weights_only=True)
 
 
-@pytest.mark.parametrize(
-    "configs",
-    [
-        ["train.json", "train_l2rw.json"],
-        ["train.json", "train_baseline.json", "train_small_loss.json"],
-        ["train.json", "train_baseline.json", "train_meta_only.json"],
-        ["train.json", "train_baseline.json", "train_clean_labels.json"],
-    ],
-)
-def test_baselines_train(configs, dataset, tmp_path):
-    """Each baseline is one override file away from train.json, and has no meta network."""
-    bundle(
-        "run", configs, tmp_path, bundle_root=BUNDLE_ROOT, dataset_dir=dataset, ckpt_dir=tmp_path / "models",
-        output_dir=tmp_path, **TINY,
-    )
-    assert (tmp_path / "models" / "model.pt").is_file()
-    assert not (tmp_path / "models" / "meta_network.pt").exists()
-
-
 def test_evaluate_writes_per_case_dice(trained, dataset, tmp_path):
     bundle(
         "run", ["train.json", "evaluate.json"], tmp_path, bundle_root=BUNDLE_ROOT, dataset_dir=dataset,

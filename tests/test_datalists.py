@@ -234,7 +234,7 @@ def test_cli_subprocess(lits_dir: Path, tmp_path: Path):
     out = tmp_path / "lits.json"
     command = [sys.executable, "-m", "scripts.data.datalists", "lits", "--lits_dir", str(lits_dir), "--num_meta", "2"]
     command += ["--num_validation", "1", "--num_test", "1", "--seed", "7", "--out", str(out), "--check"]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "check: every listed file" in result.stdout and f"--dataset_dir {lits_dir}" in result.stdout
     assert json.loads(out.read_text()) == lits_datalist(lits_dir, num_meta=2, num_validation=1, num_test=1, seed=7)

@@ -533,6 +533,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if (
         figure_setting
         and reference in mode.methods
+        and METHODS[reference].meta_network  # the weights of a meta network; L2RW's are recomputed every step
         and weight_map_figure(mode, out_dir, figure_setting, mode.seeds[0], reference)
     ):
         weight_maps = f"{reference}, {figure_setting}, seed {mode.seeds[0]}"
