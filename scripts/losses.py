@@ -35,6 +35,21 @@ def voxel_cross_entropy(logits: torch.Tensor, label: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits, _index_label(logits, label), reduction="none")
 
 
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every voxel against a soft target (class probabilities, e.g. a teacher network's softmax).
+
+    Args:
+        logits: (B, C, *spatial) network output.
+        target: (B, C, *spatial) probabilities summing to 1 over C, treated as constants.
+
+    Returns:
+        (B, *spatial) loss map, ``-Σ_c target_c log softmax(logits)_c``.
+    """
+    if target.shape != logits.shape:
+        raise ValueError(f"soft target shape {tuple(target.shape)} does not match the prediction {tuple(logits.shape)}.")
+    return -(target.detach() * F.log_softmax(logits, dim=1)).sum(dim=1)
+
+
 def _reduce(loss_map: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         return loss_map.mean()

@@ -122,6 +122,8 @@ def compute_meta_gradient(
     autocast: Autocast = contextlib.nullcontext,
     virtual_step_params: Sequence[str] | None = None,
     preconditioner: Mapping[str, torch.Tensor] | None = None,
+    base_loss: torch.Tensor | None = None,
+    loss_map_function: LossFunction | None = None,
 ) -> MetaGradient:
     """Compute ∇φ L_meta(θ̂(φ)) for the meta network's parameters φ. The arguments are keyword-only, as several
     share a type (the training and the meta batch above all).
@@ -144,6 +146,11 @@ def compute_meta_gradient(
         preconditioner: per parameter name, a tensor P that scales the virtual step elementwise,
             θ̂ = θ − α P ⊙ ∇θ Σ_i w̄_i ℓ_i (``adam_preconditioner``: the real Adam step's scaling); plain SGD when None.
             In the ``jvp`` mode the direction of the JVP becomes P ⊙ v, the exact meta-gradient of that step.
+        base_loss: a term of the virtual step's objective that the weights do not scale, Σ_i w̄_i ℓ_i + base
+            (attached to the network's graph; ``MCPMTrainer``'s teacher correction: the mean loss against the
+            teacher, with ℓ the label's loss minus the teacher's). None: Σ_i w̄_i ℓ_i alone, the paper's.
+        loss_map_function: what maps (logits, label) to ``loss_map`` for the JVP, when ``loss_map`` is not
+            ``loss_function``'s (the teacher correction's difference map); the meta loss stays ``loss_function``'s.
     """
     if mode not in META_GRADIENT_MODES:
         raise ValueError(f"meta-gradient mode must be one of {META_GRADIENT_MODES}, got {mode!r}.")
@@ -155,14 +162,15 @@ def compute_meta_gradient(
     def step(name: str, grad: torch.Tensor) -> torch.Tensor:
         return grad if scale[name] is None else scale[name] * grad
 
+    base = 0.0 if base_loss is None else base_loss
     if mode == "second_order":
-        weighted = (weights * loss_map).sum()
+        weighted = (weights * loss_map).sum() + base
         grads = torch.autograd.grad(weighted, list(params.values()), create_graph=True, retain_graph=True)
         virtual = {name: p - virtual_lr * step(name, g) for (name, p), g in zip(params.items(), grads, strict=True)}
         meta_loss = meta_loss_with(network, loss_function, virtual, meta_batch, autocast)
         return MetaGradient(meta_loss.detach(), torch.autograd.grad(meta_loss, meta_params))
 
-    grads = torch.autograd.grad((weights.detach() * loss_map).sum(), list(params.values()), retain_graph=True)
+    grads = torch.autograd.grad((weights.detach() * loss_map).sum() + base, list(params.values()), retain_graph=True)
     virtual = {
         name: (p.detach() - virtual_lr * step(name, g)).requires_grad_()
         for (name, p), g in zip(params.items(), grads, strict=True)
@@ -171,7 +179,7 @@ def compute_meta_gradient(
     direction = [
         step(name, v) for name, v in zip(params, torch.autograd.grad(meta_loss, list(virtual.values())), strict=True)
     ]
-    sensitivity = loss_map_jvp(network, loss_function, batch, params, direction, autocast)
+    sensitivity = loss_map_jvp(network, loss_map_function or loss_function, batch, params, direction, autocast)
     surrogate = -virtual_lr * (weights * sensitivity.to(weights.dtype)).sum()
     return MetaGradient(meta_loss.detach(), torch.autograd.grad(surrogate, meta_params))
 

@@ -4,12 +4,14 @@ the trainers (``scripts/trainer.py``) check their arguments with them, so the tw
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from scripts.utils import number_problem
 
 __all__ = [
+    "CORRECTIONS",
     "META_GRADIENT_MODES",
     "MCPM_OPTIONS",
     "VIRTUAL_STEPS",
@@ -21,6 +23,7 @@ __all__ = [
 META_GRADIENT_MODES = ("jvp", "second_order")
 WEIGHT_NORMALISATIONS = ("sum", "class_sum", "mean", "none")
 VIRTUAL_STEPS = ("sgd", "adam")
+CORRECTIONS = ("none", "teacher")
 
 # what is wrong with a value of the named option, naming it; None when nothing is
 OptionCheck = Callable[[str, Any], str | None]
@@ -35,10 +38,10 @@ def one_of(choices: Sequence[str]) -> OptionCheck:
     return problem
 
 
-def number(low: float, integer: bool = False, low_open: bool = False) -> OptionCheck:
-    """A check that the value is a number (an integer if ``integer``) of at least ``low`` (above it if ``low_open``),
-    with :py:func:`scripts.utils.number_problem`."""
-    return lambda name, value: number_problem(name, value, low, integer=integer, low_open=low_open)
+def number(low: float, high: float = math.inf, integer: bool = False, low_open: bool = False) -> OptionCheck:
+    """A check that the value is a number (an integer if ``integer``) of at least ``low`` (above it if ``low_open``)
+    and at most ``high``, with :py:func:`scripts.utils.number_problem`."""
+    return lambda name, value: number_problem(name, value, low, high, integer=integer, low_open=low_open)
 
 
 def parameter_prefixes(name: str, value: Any) -> str | None:
@@ -62,7 +65,20 @@ MCPM_OPTIONS: dict[str, OptionCheck] = {
     "meta_learning_rate": number(0, low_open=True),
     "meta_batch_size": number(1, integer=True),
     "clean_loss_weight": number(0),
+    "correction": one_of(CORRECTIONS),
+    "teacher_decay": number(0, 1),
 }
+
+
+def combination_problems(options: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Problems of options that are valid alone but not together."""
+    correction, normalisation = options.get("correction", "none"), options.get("weight_normalisation", "mean")
+    if correction == "teacher" and normalisation != "mean":
+        return [
+            f"{prefix}correction 'teacher' makes every voxel's target w·label + (1 − w)·teacher, so each voxel's "
+            f"loss counts 1/N: set {prefix}weight_normalisation 'mean', got {normalisation!r}"
+        ]
+    return []
 
 
 def option_problems(options: Mapping[str, Any], section: str = "") -> list[str]:
@@ -78,7 +94,7 @@ def option_problems(options: Mapping[str, Any], section: str = "") -> list[str]:
         problem = MCPM_OPTIONS[name](prefix + name, value) if name in MCPM_OPTIONS else None
         if problem:
             problems.append(problem)
-    return problems
+    return problems + combination_problems(options, prefix)
 
 
 def check_options(**options: Any) -> None:

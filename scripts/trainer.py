@@ -13,6 +13,8 @@ network; a baseline for MCPM.
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -26,6 +28,7 @@ from monai.utils import CommonKeys as Keys
 from torch import nn
 from torch.optim import Optimizer
 
+from scripts.losses import soft_cross_entropy
 from scripts.meta_gradient import (
     Batch,
     adam_preconditioner,
@@ -56,6 +59,14 @@ COLLAPSE_FRACTION = 0.5
 # row, is rising: the meta steps are not lowering it
 META_LOSS_RISE = 0.1
 META_LOSS_RISE_EPOCHS = 3
+
+
+def label_minus_teacher_loss(
+    loss_function: Callable, targets: torch.Tensor, logits: torch.Tensor, label: torch.Tensor
+) -> torch.Tensor:
+    """ℓ_i − CE(p̂_i) per voxel: the map the weights scale under the teacher correction, as a function of the logits
+    (what ``compute_meta_gradient`` differentiates along the meta direction)."""
+    return loss_function(logits, label) - soft_cross_entropy(logits, targets)
 
 
 def _world_size() -> int:
@@ -157,8 +168,8 @@ class MetaReweightTrainer(SupervisedTrainer):
     def _reweight(
         self, batch: Batch, pred: torch.Tensor, loss_map: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """After warm-up: the weight map in [0, 1] (for logging), the coefficients of the loss map in the real
-        step, and whether the meta step was finite."""
+        """After warm-up: the weight map in [0, 1] (for logging), the re-weighted loss of the real step, and whether
+        the meta step was finite."""
         raise NotImplementedError
 
     def _start_epoch(self, engine: MetaReweightTrainer) -> None:
@@ -280,8 +291,7 @@ class MetaReweightTrainer(SupervisedTrainer):
             weights = torch.ones_like(loss_map)
             loss = loss_map.mean()
         else:
-            weights, coefficients, finite = engine._reweight(batch, pred, loss_map)
-            loss = (coefficients * loss_map).sum()
+            weights, loss, finite = engine._reweight(batch, pred, loss_map)
         if engine.clean_loss_weight > 0:
             clean_loss = engine._clean_loss()
             engine.state.output["clean_loss"] = clean_loss.detach()
@@ -329,6 +339,13 @@ class MCPMTrainer(MetaReweightTrainer):
         meta_interval: a meta step every ``meta_interval`` iterations; the current weights apply on all.
         virtual_step_params: name prefixes of the parameters the virtual step moves (all when None, which is
             MCPM); a late-layers subset is cheaper but approximates the method (see ``virtual_step_parameters``).
+        correction: ``"none"`` (the paper's: a low weight only discards a voxel's label) or ``"teacher"``: each
+            voxel's target becomes w·label + (1 − w)·p̂, with p̂ the softmax of an exponential moving average of
+            the segmentation network (a mean teacher, Tarvainen and Valpola 2017), as MPLC corrects MCPM's
+            discarded voxels (Wang et al., MICCAI 2022). The real and the virtual step minimise
+            (1/N) Σ_i [w_i ℓ_i + (1 − w_i) CE(p̂_i)], so it needs ``weight_normalisation`` ``"mean"``; the meta
+            network still reads the label's loss map.
+        teacher_decay: the teacher's EMA decay per iteration (``correction`` ``"teacher"``).
 
     Under DDP (``network`` wrapped in ``DistributedDataParallel``, a process group initialised) each rank
     computes the meta-gradient on its own shard of the training and meta batches, the ranks average it, and
@@ -345,6 +362,8 @@ class MCPMTrainer(MetaReweightTrainer):
         virtual_step: str = "sgd",
         weight_normalisation: str = "sum",
         virtual_step_params: Sequence[str] | None = None,
+        correction: str = "none",
+        teacher_decay: float = 0.99,
         **kwargs: Any,
     ) -> None:
         check_options(
@@ -353,6 +372,8 @@ class MCPMTrainer(MetaReweightTrainer):
             virtual_step=virtual_step,
             weight_normalisation=weight_normalisation,
             virtual_step_params=virtual_step_params,
+            correction=correction,
+            teacher_decay=teacher_decay,
         )
         super().__init__(*args, **kwargs)
         if virtual_step == "adam" and not all("betas" in group for group in self.optimizer.param_groups):
@@ -368,6 +389,12 @@ class MCPMTrainer(MetaReweightTrainer):
         self.weight_normalisation = weight_normalisation
         self.virtual_step_params = None if virtual_step_params is None else list(virtual_step_params)
         virtual_step_parameters(self.unwrapped_network, self.virtual_step_params)  # fail early on a typo
+        self.teacher_decay = float(teacher_decay)
+        # the mean teacher of the correction, saved in the checkpoints (``train#checkpoint_saver``) for a resume
+        self.teacher: nn.Module | None = None
+        if correction == "teacher":
+            self.teacher = copy.deepcopy(self.unwrapped_network).requires_grad_(False)
+            self.add_event_handler(Events.ITERATION_COMPLETED, self._update_teacher)
         self._meta_loss_history: list[float] = []
         self.add_event_handler(Events.EPOCH_COMPLETED, self._warn_on_collapse)
         self.add_event_handler(Events.EPOCH_COMPLETED, self._warn_on_rising_meta_loss)
@@ -400,11 +427,37 @@ class MCPMTrainer(MetaReweightTrainer):
                 "mcpm#meta_learning_rate or more meta cases."
             )
 
+    def _update_teacher(self, engine: MCPMTrainer) -> None:
+        """One EMA step of the teacher towards the segmentation network (its buffers copied)."""
+        assert self.teacher is not None
+        with torch.no_grad():
+            student = self.unwrapped_network
+            for mean, param in zip(self.teacher.parameters(), student.parameters(), strict=True):
+                mean.lerp_(param, 1.0 - self.teacher_decay)
+            for mean, buffer in zip(self.teacher.buffers(), student.buffers(), strict=True):
+                mean.copy_(buffer)
+
+    def _teacher_targets(self, batch: Batch) -> torch.Tensor:
+        """p̂, the teacher's class probabilities on the training batch (eval mode, no gradient)."""
+        assert self.teacher is not None
+        self.teacher.eval()
+        with torch.no_grad(), self._autocast():
+            logits = self.inferer(batch.image, self.teacher, *batch.args, **batch.kwargs)
+        return torch.softmax(logits.float(), dim=1)
+
     def _reweight(
         self, batch: Batch, pred: torch.Tensor, loss_map: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         self.meta_network.train()
         meta_input = self.meta_network.build_input(loss_map, pred, batch.label, batch.image)
+        # what the weights scale: the label's loss map, or with the teacher correction the label's loss minus the
+        # teacher's, the mean teacher loss then joining the objective unscaled
+        weighted_map, base_loss, map_function = loss_map, None, None
+        if self.teacher is not None:
+            targets = self._teacher_targets(batch)
+            teacher_map = soft_cross_entropy(pred, targets)
+            weighted_map, base_loss = loss_map - teacher_map, teacher_map.mean()
+            map_function = functools.partial(label_minus_teacher_loss, self.loss_function, targets)
         finite = True
         if self.meta_step_due():
             meta_loss, grads = compute_meta_gradient(
@@ -412,7 +465,7 @@ class MCPMTrainer(MetaReweightTrainer):
                 network=self.unwrapped_network,
                 loss_function=self.loss_function,
                 batch=batch,
-                loss_map=loss_map,
+                loss_map=weighted_map,
                 meta_network=self.meta_network,
                 meta_input=meta_input,
                 meta_batch=self._meta_batch(),
@@ -421,6 +474,8 @@ class MCPMTrainer(MetaReweightTrainer):
                 autocast=self._autocast,
                 virtual_step_params=self.virtual_step_params,
                 preconditioner=self._preconditioner(),
+                base_loss=base_loss,
+                loss_map_function=map_function,
             )
             grads = _rank_mean(grads)  # after the reduction, so that every rank takes the same decision
             finite = _all_finite([meta_loss, *grads])
@@ -434,7 +489,8 @@ class MCPMTrainer(MetaReweightTrainer):
             self.state.output["meta_loss"] = meta_loss
         with torch.no_grad():
             weights = self.meta_network(meta_input)
-        return weights, normalise_weights(weights, self.weight_normalisation, batch.label), finite
+        loss = (normalise_weights(weights, self.weight_normalisation, batch.label) * weighted_map).sum()
+        return weights, loss if base_loss is None else loss + base_loss, finite
 
     def _preconditioner(self) -> dict[str, torch.Tensor] | None:
         """The elementwise scaling of the virtual step: None (SGD), or the real Adam optimizer's 1 / (√v̂ + ε)."""
@@ -458,10 +514,10 @@ class L2RWTrainer(MetaReweightTrainer):
         self, batch: Batch, pred: torch.Tensor, loss_map: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         if not self.meta_step_due():
-            return torch.ones_like(loss_map), normalise_weights(torch.ones_like(loss_map), "sum"), True
+            return torch.ones_like(loss_map), loss_map.mean(), True
         network, meta_batch = self.unwrapped_network, self._meta_batch()
         meta_loss, raw = l2rw_weights(network, self.loss_function, batch, meta_batch, self._autocast)
         finite = _all_finite([meta_loss, raw])
         self._record("meta_loss", meta_loss.item())
         self.state.output["meta_loss"] = meta_loss
-        return raw / raw.max().clamp_min(1e-12), normalise_weights(raw, "sum"), finite
+        return raw / raw.max().clamp_min(1e-12), (normalise_weights(raw, "sum") * loss_map).sum(), finite

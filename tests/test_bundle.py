@@ -46,6 +46,7 @@ def test_train_writes_checkpoints(trained):
     assert (models / "meta_network.pt").is_file()
     final = torch.load(models / "checkpoint_final.pt", weights_only=True)
     assert {"model", "meta_network", "optimizer", "meta_optimizer", "trainer"} <= set(final)
+    assert "teacher" not in final  # only the teacher correction has one
     assert final["trainer"]["iteration"] == TINY["epochs"] * final["trainer"]["epoch_length"]
     tags = {"images": set(), "scalars": set()}
     for events in trained.glob("events.out.tfevents.*"):
@@ -55,6 +56,17 @@ def test_train_writes_checkpoints(trained):
             tags[kind].update(accumulator.Tags()[kind])
     assert {"train_loss", "meta_loss", "weight_mean", "weight_corrupted", "weight_unchanged", "val_mean_dice"} <= tags["scalars"]
     assert tags["images"] == {"image_label_weight"}
+
+
+def test_teacher_correction_saves_its_teacher(dataset, tmp_path):
+    bundle(
+        "run", ["train.json"], tmp_path, bundle_root=BUNDLE_ROOT, dataset_dir=dataset, ckpt_dir=tmp_path / "models",
+        output_dir=tmp_path, **TINY, **{"mcpm#correction": "teacher", "mcpm#weight_normalisation": "mean"},
+    )
+    final = torch.load(tmp_path / "models" / "checkpoint_final.pt", weights_only=True)
+    # the mean teacher, an average of the network's states: the network's keys, other values
+    assert set(final["teacher"]) == set(final["model"])
+    assert not all(torch.equal(final["teacher"][k], final["model"][k]) for k in final["model"])
 
 
 def test_resume_continues_training(trained, dataset, tmp_path):

@@ -406,7 +406,10 @@ def test_every_bad_training_setting_is_reported_at_once(tmp_path):
         "learning_rate": -0.1,
         "epochs": 0,
         "patch_size": [20, 48, 48],
-        "mcpm": {**GOOD_SETTINGS["mcpm"], "meta_interval": 0, "meta_gradient": "hessian", "meta_intervall": 2},
+        "mcpm": {
+            **GOOD_SETTINGS["mcpm"], "meta_interval": 0, "meta_gradient": "hessian", "meta_intervall": 2,
+            "correction": "teacher",  # valid alone, not with weight_normalisation 'sum'
+        },
     }
     output_dirs = {"ckpt_dir": str(blocker / "models"), "output_dir": str(tmp_path)}
     with pytest.raises(ConfigError) as error:
@@ -419,11 +422,13 @@ def test_every_bad_training_setting_is_reported_at_once(tmp_path):
         "mcpm#meta_interval must be an integer >= 1, got 0",
         "mcpm#meta_gradient must be one of ('jvp', 'second_order'), got 'hessian'",
         "unknown keys ['meta_intervall']",
+        "mcpm#correction 'teacher' makes every voxel's target w·label + (1 − w)·teacher",
+        "set mcpm#weight_normalisation 'mean', got 'sum'",
         f"{blocker} is a file",
         "MB free",
     ):
         assert expected in message
-    assert len(error.value.problems) == 8
+    assert len(error.value.problems) == 9
 
 
 def test_schedules_that_would_never_validate_or_reweight_are_rejected():

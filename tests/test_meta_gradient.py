@@ -4,11 +4,12 @@ real model's batch-norm running statistics."""
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
 
-from scripts.losses import voxel_cross_entropy
+from scripts.losses import soft_cross_entropy, voxel_cross_entropy
 from scripts.meta_gradient import (
     Batch,
     adam_preconditioner,
@@ -18,6 +19,7 @@ from scripts.meta_gradient import (
     normalise_weights,
 )
 from scripts.meta_net import MetaMaskNet
+from scripts.trainer import label_minus_teacher_loss
 from tests.conftest import tiny_unet
 
 
@@ -44,14 +46,23 @@ def _meta_gradient(
     normalisation,
     virtual_step_params=None,
     preconditioner=None,
+    teacher_targets=None,
 ):
     logits = network(image)
     loss_map = voxel_cross_entropy(logits, label)
     meta_input = meta_network.build_input(loss_map, logits, label, image)
+    # the teacher correction as MCPMTrainer sets it up: the weights scale ℓ − CE(p̂), the mean CE(p̂) is unscaled
+    weighted_map, base_loss, map_function = loss_map, None, None
+    if teacher_targets is not None:
+        teacher_map = soft_cross_entropy(logits, teacher_targets)
+        weighted_map, base_loss = loss_map - teacher_map, teacher_map.mean()
+        map_function = functools.partial(label_minus_teacher_loss, voxel_cross_entropy, teacher_targets)
     result = compute_meta_gradient(
-        mode=mode, network=network, loss_function=voxel_cross_entropy, batch=Batch(image, label), loss_map=loss_map,
-        meta_network=meta_network, meta_input=meta_input, meta_batch=Batch(meta_image, meta_label), virtual_lr=0.1,
-        normalisation=normalisation, virtual_step_params=virtual_step_params, preconditioner=preconditioner,
+        mode=mode, network=network, loss_function=voxel_cross_entropy, batch=Batch(image, label),
+        loss_map=weighted_map, meta_network=meta_network, meta_input=meta_input,
+        meta_batch=Batch(meta_image, meta_label), virtual_lr=0.1, normalisation=normalisation,
+        virtual_step_params=virtual_step_params, preconditioner=preconditioner, base_loss=base_loss,
+        loss_map_function=map_function,
     )
     return result.meta_loss, torch.cat([g.flatten() for g in result.grads])
 
@@ -100,6 +111,19 @@ def test_preconditioned_jvp_equals_second_order(norm):
     assert ((grad_jvp - grad_ref).norm() / grad_ref.norm()).item() < 1e-8
     # the preconditioner changes the look-ahead, so the meta-gradient differs from the SGD one
     assert ((grad_jvp - grad_sgd).norm() / grad_sgd.norm()).item() > 1e-3
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_teacher_corrected_jvp_equals_second_order(norm):
+    problem = _problem(norm)
+    teacher = torch.softmax(torch.randn(2, 3, 16, 16, 16, dtype=torch.float64), dim=1)
+    loss_ref, grad_ref = _meta_gradient("second_order", *problem, "mean", teacher_targets=teacher)
+    loss_jvp, grad_jvp = _meta_gradient("jvp", *problem, "mean", teacher_targets=teacher)
+    _, grad_plain = _meta_gradient("jvp", *problem, "mean")
+    assert torch.isclose(loss_ref, loss_jvp, rtol=1e-12)
+    assert ((grad_jvp - grad_ref).norm() / grad_ref.norm()).item() < 1e-8
+    # the teacher's targets change the virtual step and what the weights trade off, so the meta-gradient
+    assert ((grad_jvp - grad_plain).norm() / grad_plain.norm()).item() > 1e-3
 
 
 def test_jvp_equals_second_order_with_extra_inputs():

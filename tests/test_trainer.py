@@ -10,9 +10,10 @@ import torch
 from ignite.engine import Events
 from monai.data import DataLoader
 from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
 from monai.handlers import CheckpointLoader
 
-from scripts.losses import VoxelCrossEntropyLoss
+from scripts.losses import VoxelCrossEntropyLoss, soft_cross_entropy, voxel_cross_entropy
 from scripts.meta_net import MetaMaskNet
 from scripts.trainer import L2RWTrainer, MCPMTrainer
 from tests.conftest import tiny_unet
@@ -144,30 +145,36 @@ def test_running_stats_change_only_in_the_real_step():
         assert torch.allclose(value, dict(expected.named_buffers())[name]), name
 
 
-def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
+TEACHER = {"correction": "teacher", "weight_normalisation": "mean"}
+
+
+@pytest.mark.parametrize("options", [{}, TEACHER], ids=["mcpm", "teacher"])
+def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, options):
     torch.manual_seed(0)
-    uninterrupted = make_trainer(max_epochs=2)
+    uninterrupted = make_trainer(max_epochs=2, **options)
     state0 = (copy.deepcopy(uninterrupted.network.state_dict()), copy.deepcopy(uninterrupted.meta_network.state_dict()))
     uninterrupted.run()
 
     def restart(max_epochs):
-        trainer = make_trainer(max_epochs=max_epochs)
+        trainer = make_trainer(max_epochs=max_epochs, **options)
         trainer.network.load_state_dict(state0[0])
         trainer.meta_network.load_state_dict(state0[1])
+        if trainer.teacher is not None:  # the teacher starts as the network does
+            trainer.teacher.load_state_dict(state0[0])
         return trainer
 
     first = restart(1)
     first.run()
     path = tmp_path / "checkpoint.pt"
-    objects = ("network", "meta_network", "optimizer", "meta_optimizer")
+    objects = ("network", "meta_network", "optimizer", "meta_optimizer") + (("teacher",) if options else ())
     torch.save({**{k: getattr(first, k).state_dict() for k in objects}, "trainer": first.state_dict()}, path)
 
     resumed = restart(2)
     CheckpointLoader(str(path), {**{k: getattr(resumed, k) for k in objects}, "trainer": resumed})(resumed)
     resumed.run()
     assert resumed.state.epoch == 2
-    assert torch.equal(_flat(resumed.network), _flat(uninterrupted.network))
-    assert torch.equal(_flat(resumed.meta_network), _flat(uninterrupted.meta_network))
+    for name in objects[:2] + objects[4:]:
+        assert torch.equal(_flat(getattr(resumed, name)), _flat(getattr(uninterrupted, name))), name
 
 
 @pytest.mark.parametrize(
@@ -179,6 +186,9 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
         ({"warmup_epochs": -1}, "warmup_epochs"),
         ({"virtual_lr": 0.0}, "virtual_lr"),
         ({"virtual_step_params": ["decoder"]}, "virtual_step_params"),
+        ({"correction": "ema"}, "correction"),
+        ({"teacher_decay": 1.5}, "teacher_decay"),
+        ({"correction": "teacher"}, "set weight_normalisation 'mean', got 'sum'"),
     ],
 )
 def test_invalid_options_are_rejected(kwargs, message):
@@ -280,6 +290,37 @@ def test_clean_loss_joins_the_real_step():
     assert math.isclose(float(first["mixed"]["loss"]), float(first["plain"]["loss"]) + 2 * float(clean), rel_tol=1e-5)
     assert not torch.equal(outputs["mixed"]["seg"], outputs["plain"]["seg"])
     assert math.isfinite(mixed.state.metrics["clean_loss"])
+
+
+def test_teacher_correction_mixes_targets_and_follows_the_network():
+    """With the teacher correction each voxel's target is w·label + (1 − w)·p̂: the real loss is the voxel mean of
+    w·ℓ + (1 − w)·CE(p̂), p̂ from the teacher, and the teacher is an EMA of the network after every step."""
+    torch.manual_seed(0)
+    network = tiny_unet(out_channels=2)
+    start = copy.deepcopy(network).eval()
+    trainer = make_trainer(network=network, teacher_decay=0.25, **TEACHER)
+    seen: list[dict] = []
+    trainer.add_event_handler(
+        IterationEvents.LOSS_COMPLETED,
+        lambda e: seen.append({k: v.detach().clone() for k, v in e.state.output.items() if torch.is_tensor(v)}),
+    )
+    params: list[tuple[torch.Tensor, torch.Tensor]] = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: params.append((_flat(e.network), _flat(e.teacher))))
+    trainer.run()
+
+    first = seen[0]
+    with torch.no_grad():
+        targets = torch.softmax(start(first["image"]), dim=1)  # the teacher of the first step is the start network
+    label_loss = voxel_cross_entropy(first["pred"], first["label"])
+    teacher_loss = soft_cross_entropy(first["pred"], targets)
+    weights = first["weight"][:, 0]
+    expected = (weights * label_loss + (1 - weights) * teacher_loss).mean()
+    assert torch.isclose(first["loss"], expected, rtol=1e-5)
+    # teacher after step 1 = 0.25 · start + 0.75 · network after step 1
+    (seg1, teacher1), (seg2, teacher2) = params
+    assert torch.allclose(teacher1, 0.25 * _flat(start) + 0.75 * seg1, atol=1e-6)
+    assert torch.allclose(teacher2, 0.25 * teacher1 + 0.75 * seg2, atol=1e-6)
+    assert not torch.equal(teacher2, seg2)
 
 
 def test_adam_look_ahead_needs_an_adam_optimizer():

@@ -70,6 +70,9 @@ METHODS: dict[str, Method] = {
     "mcpm_clean": _mcpm("MCPM + clean loss", **CLEAN_MCPM),
     "mcpm_adam": _mcpm("MCPM, Adam look-ahead", **{**PAPER_MCPM, "virtual_step": "adam", "virtual_lr": 0.002}),
     "mcpm_class": _mcpm("MCPM, class-wise weights", **{**PAPER_MCPM, "weight_normalisation": "class_sum"}),
+    "mcpm_teacher": _mcpm(
+        "MCPM, teacher correction", **{**PAPER_MCPM, "correction": "teacher", "weight_normalisation": "mean"}
+    ),
     "mcpm_inputs": _mcpm(
         "MCPM, label + boundary inputs", **PAPER_MCPM, **{"meta_network_def#inputs": ["loss", "label", "boundary"]}
     ),
@@ -79,6 +82,10 @@ METHODS: dict[str, Method] = {
     ),
     "mcpm_clean_class": _mcpm(
         "MCPM + clean loss, class-wise weights", **{**CLEAN_MCPM, "weight_normalisation": "class_sum"}
+    ),
+    "mcpm_clean_teacher": _mcpm(
+        "MCPM + clean loss, teacher correction",
+        **{**CLEAN_MCPM, "correction": "teacher", "weight_normalisation": "mean"},
     ),
     "mcpm_clean_inputs": _mcpm(
         "MCPM + clean loss, label + boundary inputs",
