@@ -47,7 +47,9 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     """
     if target.shape != logits.shape:
         raise ValueError(f"soft target shape {tuple(target.shape)} does not match the prediction {tuple(logits.shape)}.")
-    return -(target.detach() * F.log_softmax(logits, dim=1)).sum(dim=1)
+    # at least float32, as cross-entropy is under autocast, whatever the logits' precision
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return -(target.detach().to(dtype) * F.log_softmax(logits.to(dtype), dim=1)).sum(dim=1)
 
 
 def _reduce(loss_map: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -436,6 +436,8 @@ class MCPMTrainer(MetaReweightTrainer):
                 mean.lerp_(param, 1.0 - self.teacher_decay)
             for mean, buffer in zip(self.teacher.buffers(), student.buffers(), strict=True):
                 mean.copy_(buffer)
+                if _world_size() > 1:  # each rank's running statistics are its own shard's; rank 0's are saved
+                    dist.broadcast(mean, src=0)
 
     def _teacher_targets(self, batch: Batch) -> torch.Tensor:
         """p̂, the teacher's class probabilities on the training batch (eval mode, no gradient)."""

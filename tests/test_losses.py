@@ -10,6 +10,7 @@ from scripts.losses import (
     GeneralisedCrossEntropyLoss,
     SmallLossTruncatedLoss,
     VoxelCrossEntropyLoss,
+    soft_cross_entropy,
     voxel_cross_entropy,
 )
 
@@ -65,3 +66,13 @@ def test_generalised_cross_entropy():
     for bad in ({"q": 0.0}, {"q": 1.5}, {"reduction": "max"}):
         with pytest.raises(ValueError):
             GeneralisedCrossEntropyLoss(**bad)
+
+
+def test_soft_cross_entropy_of_a_one_hot_target_is_the_cross_entropy():
+    logits = torch.randn(2, 3, 4, 4, 4)
+    label = torch.randint(0, 3, (2, 1, 4, 4, 4))
+    one_hot = F.one_hot(label[:, 0], 3).movedim(-1, 1).float()
+    assert torch.allclose(soft_cross_entropy(logits, one_hot), voxel_cross_entropy(logits, label), atol=1e-6)
+    assert soft_cross_entropy(logits.half(), one_hot).dtype == torch.float32  # as cross-entropy under autocast
+    with pytest.raises(ValueError, match="soft target shape"):
+        soft_cross_entropy(logits, one_hot[:, :2])

@@ -16,6 +16,7 @@ from scripts.meta_gradient import (
     buffer_copies,
     compute_meta_gradient,
     l2rw_weights,
+    meta_loss_with,
     normalise_weights,
 )
 from scripts.meta_net import MetaMaskNet
@@ -124,6 +125,18 @@ def test_teacher_corrected_jvp_equals_second_order(norm):
     assert ((grad_jvp - grad_ref).norm() / grad_ref.norm()).item() < 1e-8
     # the teacher's targets change the virtual step and what the weights trade off, so the meta-gradient
     assert ((grad_jvp - grad_plain).norm() / grad_plain.norm()).item() > 1e-3
+    # and both are the meta-gradient of the objective itself: a virtual step on mean_i[w ℓ + (1 − w) CE(p̂)]
+    network, meta_network, image, label, meta_image, meta_label = problem
+    logits = network(image)
+    loss_map = voxel_cross_entropy(logits, label)
+    weights = meta_network(meta_network.build_input(loss_map, logits, label, image))
+    objective = (weights * loss_map + (1 - weights) * soft_cross_entropy(logits, teacher)).mean()
+    params = dict(network.named_parameters())
+    grads = torch.autograd.grad(objective, list(params.values()), create_graph=True)
+    virtual = {name: p - 0.1 * g for (name, p), g in zip(params.items(), grads, strict=True)}
+    meta_loss = meta_loss_with(network, voxel_cross_entropy, virtual, Batch(meta_image, meta_label))
+    direct = torch.cat([g.flatten() for g in torch.autograd.grad(meta_loss, list(meta_network.parameters()))])
+    assert ((grad_jvp - direct).norm() / direct.norm()).item() < 1e-8
 
 
 def test_jvp_equals_second_order_with_extra_inputs():
