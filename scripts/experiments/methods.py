@@ -49,6 +49,9 @@ def _mcpm(label: str, **options: Any) -> Method:
 # MCPM as the paper has it (Wang et al. 2020): plain SGD look-ahead, the noisy cases alone in the real step
 PAPER_MCPM = {"clean_loss_weight": 0.0, "virtual_step": "sgd", "virtual_lr": 0.1, "weight_normalisation": "sum"}
 CLEAN_MCPM = {**PAPER_MCPM, "clean_loss_weight": 1.0}
+# two levers that are more than one option: the teacher correction needs its normalisation, the inputs are a list
+TEACHER = {"correction": "teacher", "weight_normalisation": "mean"}
+INPUTS = {"meta_network_def#inputs": ["loss", "label", "boundary"]}
 
 
 BASELINE = ("train.json", "train_baseline.json")
@@ -70,12 +73,8 @@ METHODS: dict[str, Method] = {
     "mcpm_clean": _mcpm("MCPM + clean loss", **CLEAN_MCPM),
     "mcpm_adam": _mcpm("MCPM, Adam look-ahead", **{**PAPER_MCPM, "virtual_step": "adam", "virtual_lr": 0.002}),
     "mcpm_class": _mcpm("MCPM, class-wise weights", **{**PAPER_MCPM, "weight_normalisation": "class_sum"}),
-    "mcpm_teacher": _mcpm(
-        "MCPM, teacher correction", **{**PAPER_MCPM, "correction": "teacher", "weight_normalisation": "mean"}
-    ),
-    "mcpm_inputs": _mcpm(
-        "MCPM, label + boundary inputs", **PAPER_MCPM, **{"meta_network_def#inputs": ["loss", "label", "boundary"]}
-    ),
+    "mcpm_teacher": _mcpm("MCPM, teacher correction", **{**PAPER_MCPM, **TEACHER}),
+    "mcpm_inputs": _mcpm("MCPM, label + boundary inputs", **PAPER_MCPM, **INPUTS),
     # the levers on top of the clean loss, the best single lever at the default scale (docs/results.md)
     "mcpm_clean_adam": _mcpm(
         "MCPM + clean loss, Adam look-ahead", **{**CLEAN_MCPM, "virtual_step": "adam", "virtual_lr": 0.002}
@@ -83,15 +82,8 @@ METHODS: dict[str, Method] = {
     "mcpm_clean_class": _mcpm(
         "MCPM + clean loss, class-wise weights", **{**CLEAN_MCPM, "weight_normalisation": "class_sum"}
     ),
-    "mcpm_clean_teacher": _mcpm(
-        "MCPM + clean loss, teacher correction",
-        **{**CLEAN_MCPM, "correction": "teacher", "weight_normalisation": "mean"},
-    ),
-    "mcpm_clean_inputs": _mcpm(
-        "MCPM + clean loss, label + boundary inputs",
-        **CLEAN_MCPM,
-        **{"meta_network_def#inputs": ["loss", "label", "boundary"]},
-    ),
+    "mcpm_clean_teacher": _mcpm("MCPM + clean loss, teacher correction", **{**CLEAN_MCPM, **TEACHER}),
+    "mcpm_clean_inputs": _mcpm("MCPM + clean loss, label + boundary inputs", **CLEAN_MCPM, **INPUTS),
 }
 
 
