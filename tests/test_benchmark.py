@@ -20,6 +20,7 @@ from scripts.experiments.report import (
     target_checks,
     write_report,
 )
+from scripts.utils import write_csv
 from tests.conftest import needs_lidc_database
 
 # one corrupted setting, a tiny network on 16^3 volumes, 2 epochs: every method, every output, in about 2 minutes
@@ -85,6 +86,33 @@ def test_a_second_invocation_reuses_finished_runs(micro_run, capsys):
     benchmark.main(["--mode", "quick", "--out_dir", str(out_dir), *MICRO, "--methods", *MICRO_METHODS])
     assert capsys.readouterr().out.count("(reused)") == len(MICRO_METHODS)
     assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def test_imports_the_runs_of_a_results_csv(micro_run, tmp_path, capsys):
+    out_dir, _ = micro_run
+    source = tmp_path / "results.csv"
+    source.write_text((out_dir / "results.csv").read_text())
+    fresh = tmp_path / "fresh"  # a fresh clone: no runs folder, only the CSV kept with the docs
+    args = ["--mode", "quick", *MICRO, "--methods", *MICRO_METHODS, "--import_results", str(source)]
+    benchmark.main([*args, "--out_dir", str(fresh), "--report_only"])
+    out = capsys.readouterr().out
+    assert f"{len(MICRO_METHODS)} runs taken from" in out and out.count("(reused)") == len(MICRO_METHODS)
+    assert (fresh / "results.csv").read_text() == source.read_text()
+    assert not list(fresh.rglob("model.pt")) and not (fresh / "weight_maps.png").exists()
+    benchmark.main([*args, "--out_dir", str(fresh), "--report_only"])
+    assert "0 runs taken from" in capsys.readouterr().out  # the runs it has are left alone
+
+    # rows of other parameters or other data are refused, before any run is written
+    with pytest.raises(ValueError, match="line 2 .* trained 2 epochs, this benchmark 3"):
+        benchmark.main([*[a if a != "2" else "3" for a in args], "--out_dir", str(tmp_path / "epochs")])
+    with open(source, newline="") as f:
+        rows = list(csv.DictReader(f))
+    other = tmp_path / "other.csv"
+    write_csv([{**row, "changed_fraction": "0.9999"} for row in rows], other)
+    other_args = [*args[:-1], str(other), "--out_dir", str(tmp_path / "data")]
+    with pytest.raises(ValueError, match="0.9999 of its voxels changed; the one generated here has"):
+        benchmark.main(other_args)
+    assert not (tmp_path / "epochs" / "runs").exists() and not (tmp_path / "data" / "runs").exists()
 
 
 def test_report_only_reads_the_finished_runs(micro_run, capsys):

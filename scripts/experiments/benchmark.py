@@ -13,7 +13,8 @@ Then it writes into ``--out_dir``:
 - ``weight_maps.png``: image, clean label, corrupted label and MCPM weight map of a few training cases.
 
 Finished runs are kept (``<out_dir>/runs/<setting>/seed<k>/<method>/result.json``), so an interrupted benchmark
-continues where it stopped and more seeds can be added later.
+continues where it stopped and more seeds can be added later. A fresh clone has no ``runs/`` folder:
+``--import_results docs/results.csv`` takes the runs recorded there as finished (their data is checked first).
 
 This module holds the settings, the modes, the orchestration and the result cache; the methods and how a run
 is launched are in :py:mod:`scripts.experiments.methods`, the statistics, table, targets and figures in
@@ -27,6 +28,7 @@ is launched are in :py:mod:`scripts.experiments.methods`, the statistics, table,
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import math
@@ -194,15 +196,21 @@ def bundle_overrides(mode: Mode, setting_name: str, dataset_dir: Path, run_dir: 
     }
 
 
+def method_schedule(method: Method, mode: Mode) -> tuple[int, int]:
+    """Epochs and validation interval of one method: the meta set alone sees fewer cases per epoch, so its epochs
+    are scaled to the same number of updates."""
+    if not method.meta_set_only:
+        return mode.epochs, mode.val_interval
+    factor = _updates_per_epoch(mode.cases[0]) / _updates_per_epoch(mode.cases[1])
+    return max(1, round(mode.epochs * factor)), max(1, round(mode.val_interval * factor))
+
+
 def train_and_evaluate(
     method: Method, dataset_dir: Path, run_dir: Path, mode: Mode, setting_name: str, seed: int, log_path: Path
 ) -> dict[str, Any]:
     """Train one method with ``python -m monai.bundle run``, evaluate it on the test split and score its training
     labels."""
-    epochs, val_interval = mode.epochs, mode.val_interval
-    if method.meta_set_only:
-        factor = _updates_per_epoch(mode.cases[0]) / _updates_per_epoch(mode.cases[1])
-        epochs, val_interval = max(1, round(epochs * factor)), max(1, round(val_interval * factor))
+    epochs, val_interval = method_schedule(method, mode)
     overrides = {
         **bundle_overrides(mode, setting_name, dataset_dir, run_dir),
         **method.overrides,
@@ -347,6 +355,52 @@ def saved_results(mode: Mode, out_dir: Path) -> dict[Path, dict[str, Any]]:
     return saved
 
 
+# the columns of a results.csv row that describe the run; the others are its result
+RUN_COLUMNS = ("mode", "setting", "family", "setting_label", "alpha", "seed", "method", "changed_fraction")
+
+
+def import_results(mode: Mode, out_dir: Path, csv_path: Path) -> int:
+    """Write the rows of a results CSV that are runs of this benchmark as finished runs of ``out_dir``; returns
+    how many. A fresh clone has no ``runs/`` folder, but it has the CSV kept with the docs, so a benchmark can go
+    on from there. The rows must have been made with this benchmark's parameters: each row's dataset is
+    generated here and must change the same share of voxels, and its epochs must be this benchmark's; a row whose
+    run folder already has a result is left alone. Raises, naming the file and the row, before any run is written.
+    """
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"--import_results: {csv_path} is not a file.")
+    with open(csv_path, newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    missing = sorted(set(RUN_COLUMNS) - set(rows[0] if rows else ()))
+    if missing:
+        raise ValueError(f"--import_results: {csv_path} has no column {missing}; is it a benchmark's results.csv?")
+    pending = []
+    for line, row in enumerate(rows, start=2):
+        mode_name, _, setting_name = row["setting"].partition("/")
+        seed, method_name = int(row["seed"]), row["method"]
+        if mode_name != mode.name or setting_name not in mode.settings or seed not in mode.seeds:
+            continue
+        run_dir = _run_dir(out_dir, setting_name, seed, method_name)
+        if method_name not in mode.methods or (run_dir / "result.json").is_file():
+            continue
+        where = f"--import_results: {csv_path} line {line} ({row['setting']} seed {seed} {method_name})"
+        result = {key: float(value) for key, value in row.items() if key not in RUN_COLUMNS and value != ""}
+        result["epochs"] = int(result["epochs"])
+        epochs, _ = method_schedule(METHODS[method_name], mode)
+        if result["epochs"] != epochs:
+            raise ValueError(f"{where} trained {result['epochs']} epochs, this benchmark {epochs}.")
+        changed = round(changed_voxel_fraction(dataset_for(mode, setting_name, seed, out_dir)), 4)
+        if not math.isclose(changed, float(row["changed_fraction"]), abs_tol=1e-4):
+            raise ValueError(
+                f"{where} is of a dataset with {row['changed_fraction']} of its voxels changed; the one generated "
+                f"here has {changed}: other data (cases, shape, variety or generator)."
+            )
+        pending.append((run_dir, {"spec": run_spec(mode, setting_name, seed, method_name), "result": result}))
+    for run_dir, record in pending:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json({**record, "imported_from": str(csv_path)}, run_dir / "result.json", indent=2)
+    return len(pending)
+
+
 def run_benchmark(mode: Mode, out_dir: Path, train: bool = True) -> list[dict[str, Any]]:
     """Run (or reuse) every setting x seed x method of ``mode``; returns one row per run. With ``train`` False
     only the finished runs are read (a report of what is there while other runs are still going)."""
@@ -417,9 +471,9 @@ def weight_map_figure(
     mode: Mode, out_dir: Path, setting_name: str, seed: int, method_name: str = "mcpm", num_cases: int = 3
 ) -> Path | None:
     """Draw ``weight_maps.png`` from the run of an MCPM method on one setting and seed: its most corrupted training
-    cases."""
+    cases; None where the run's networks are not there (it has not run, or it was imported from a CSV)."""
     run_dir = _run_dir(out_dir, setting_name, seed, method_name)
-    if not (run_dir / "result.json").is_file():
+    if not all((run_dir / "models" / name).is_file() for name in ("model.pt", "meta_network.pt")):
         return None
     dataset_dir = out_dir / "data" / setting_name / f"seed{seed}"
     method = METHODS[method_name]
@@ -460,10 +514,12 @@ def _parse_override(parser: argparse.ArgumentParser, text: str) -> tuple[str, An
 
 @dataclass(frozen=True)
 class Options:
-    """What an invocation does beyond its mode: whether it trains missing runs, and which MCPM the report is of."""
+    """What an invocation does beyond its mode: whether it trains missing runs, which MCPM the report is of, and a
+    results CSV whose runs it takes as finished."""
 
     train: bool = True
     reference: str = "mcpm"
+    import_results: Path | None = None
 
 
 def parse_mode(argv: Sequence[str] | None) -> tuple[str, Mode, Path, Options]:
@@ -486,6 +542,13 @@ def parse_mode(argv: Sequence[str] | None) -> tuple[str, Mode, Path, Options]:
     parser.add_argument("--cases", type=int, nargs=4, metavar=("TRAIN", "META", "VAL", "TEST"))
     parser.add_argument(
         "--report_only", action="store_true", help="train nothing: write the report of the runs finished so far"
+    )
+    parser.add_argument(
+        "--import_results",
+        type=Path,
+        metavar="CSV",
+        help="take this benchmark's runs from a results.csv (e.g. docs/results.csv) as finished, where --out_dir has "
+        "no result of its own (a fresh clone); each row's data must match the data generated here",
     )
     parser.add_argument(
         "--reference", default="mcpm", choices=list(METHODS), help="the MCPM method the paired differences are of"
@@ -515,7 +578,9 @@ def parse_mode(argv: Sequence[str] | None) -> tuple[str, Mode, Path, Options]:
     }
     mode = replace(mode, **{k: v for k, v in changes.items() if v is not None})
     out_dir = args.out_dir or BUNDLE_ROOT / "runs" / f"benchmark_{args.mode}"
-    return args.mode, mode, out_dir, Options(train=not args.report_only, reference=args.reference)
+    return args.mode, mode, out_dir, Options(
+        train=not args.report_only, reference=args.reference, import_results=args.import_results
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -523,6 +588,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     mode_name, mode, out_dir, options = parse_mode(argv)
     start = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
+    if options.import_results is not None:
+        print(f"{import_results(mode, out_dir, options.import_results)} runs taken from {options.import_results}")
     rows = run_benchmark(mode, out_dir, options.train)
     if not rows:
         raise SystemExit(f"no finished runs of these settings, seeds and methods in {out_dir}.")
