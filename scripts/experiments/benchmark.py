@@ -46,7 +46,7 @@ from monai.bundle import run as run_workflow
 
 from scripts.audit import detection_summary, load_trained, score_cases
 from scripts.cases import case_id
-from scripts.data.synthetic import generate_dataset
+from scripts.data.synthetic import DEFAULT_SPLITS, DEFAULT_VARIETY, generate_dataset
 from scripts.experiments.methods import BUNDLE_ROOT, CONFIGS, METHODS, Method, bundle_run, class_names, read_case_dice
 from scripts.experiments.report import plot_dice_vs_noise, plot_weight_maps, write_report
 from scripts.lidc.phantom import generate_lidc_phantom
@@ -164,8 +164,8 @@ MODES: dict[str, Mode] = {
         epochs=16,
         val_interval=2,
         warmup_epochs=2,
-        cases=(48, 4, 8, 8),
-        variety="wide",
+        cases=DEFAULT_SPLITS,
+        variety=DEFAULT_VARIETY,
     ),
 }
 
