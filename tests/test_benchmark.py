@@ -221,3 +221,25 @@ def test_every_method_configures(name):
         assert key in parser, key
     expected = "scripts.trainer.MCPMTrainer" if METHODS[name].meta_network else None
     assert parser["train#trainer#_target_"] == expected or not METHODS[name].meta_network
+
+
+def test_paper_override_restores_the_published_mcpm():
+    """configs/train_mcpm_paper.json on top of train.json gives the published MCPM: no clean loss in the real step,
+    the SGD look-ahead, weights normalised over all voxels; the bundle's default differs in the first and last."""
+    from monai.bundle import ConfigParser
+
+    from scripts.experiments.methods import CONFIGS, PAPER_MCPM, PAPER_OVERRIDE
+
+    default, paper = ConfigParser(), ConfigParser()
+    default.read_config(str(CONFIGS / "train.json"))
+    paper.read_config([str(CONFIGS / "train.json"), str(CONFIGS / PAPER_OVERRIDE)])
+    assert {key: paper[f"mcpm#{key}"] for key in PAPER_MCPM} == {
+        "clean_loss_weight": 0.0,
+        "virtual_step": "sgd",
+        "virtual_lr": 0.1,
+        "weight_normalisation": "sum",
+    }
+    assert (default["mcpm#clean_loss_weight"], default["mcpm#weight_normalisation"]) == (1.0, "class_sum")
+    assert {k: v for k, v in paper["mcpm"].items() if k not in PAPER_MCPM} == {
+        k: v for k, v in default["mcpm"].items() if k not in PAPER_MCPM
+    }

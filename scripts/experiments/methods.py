@@ -71,7 +71,8 @@ METHODS: dict[str, Method] = {
     "meta_only": Method("meta set only", (*BASELINE, "train_meta_only.json"), meta_set_only=True),
     # the bundle's default: MCPM with the clean loss and class-wise weights (docs/results.md)
     "mcpm": Method("MCPM", ("train.json",), meta_network=True),
-    "mcpm_paper": Method("MCPM as published", ("train.json", PAPER_OVERRIDE), meta_network=True),
+    # the values of configs/train_mcpm_paper.json as overrides, so that runs recorded before that file keep their spec
+    "mcpm_paper": _mcpm("MCPM as published", **PAPER_MCPM),
     # the levers of docs/mcpm.md, each one change from the published MCPM
     "mcpm_clean": _mcpm("MCPM + clean loss", **CLEAN_MCPM),
     "mcpm_adam": _mcpm("MCPM, Adam look-ahead", **{**PAPER_MCPM, "virtual_step": "adam", "virtual_lr": 0.002}),
