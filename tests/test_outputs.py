@@ -250,8 +250,13 @@ def test_monailabel_rounds_overwrite_their_folders():
 def test_demo_trains_its_own_folders_with_overwrite(tmp_path, monkeypatch):
     from scripts.experiments import demo
 
-    calls = []
-    monkeypatch.setattr(demo, "generate_dataset", lambda folder, seed: Path(folder) / "datalist.json")
+    calls, overwrites = [], []
+
+    def generate(folder, seed, overwrite):
+        overwrites.append(overwrite)
+        return Path(folder) / "datalist.json"
+
+    monkeypatch.setattr(demo, "generate_dataset", generate)
     monkeypatch.setattr(demo, "bundle_run", lambda configs, **overrides: calls.append((list(configs), overrides)))
     monkeypatch.setattr(demo, "read_case_dice", lambda path: {"case_0": [0.5, 0.5]})
     monkeypatch.setattr(demo, "class_names", lambda folder: ["blob", "tube"])
@@ -259,6 +264,7 @@ def test_demo_trains_its_own_folders_with_overwrite(tmp_path, monkeypatch):
     training = [overrides for configs, overrides in calls if "evaluate.json" not in configs]
     assert len(training) == len(demo.DEMO_METHODS) and all(o["overwrite"] is True for o in training)
     assert all(str(o["ckpt_dir"]).startswith(str((tmp_path / "demo").resolve())) for o in training)
+    assert overwrites == [False]  # a dataset folder of the user's is replaced only with --overwrite_data
 
 
 def test_benchmark_restarts_a_run_folder_with_overwrite(tmp_path, monkeypatch):

@@ -362,15 +362,18 @@ RUN_COLUMNS = ("mode", "setting", "family", "setting_label", "alpha", "seed", "m
 def import_results(mode: Mode, out_dir: Path, csv_path: Path) -> int:
     """Write the rows of a results CSV that are runs of this benchmark as finished runs of ``out_dir``; returns
     how many. A fresh clone has no ``runs/`` folder, but it has the CSV kept with the docs, so a benchmark can go
-    on from there. The rows must have been made with this benchmark's parameters: each row's dataset is
-    generated here and must change the same share of voxels, and its epochs must be this benchmark's; a row whose
-    run folder already has a result is left alone. Raises, naming the file and the row, before any run is written.
+    on from there. The rows must have been made with this benchmark's parameters. Two are checked: each row's
+    dataset is generated here and must change the same share of voxels (cases, shape, variety, corruption, seed),
+    and its epochs must be this benchmark's. The CSV does not record the validation interval, the warm-up or the
+    ``--override`` values: give those of the command that made it. A row whose run folder already has a result is
+    left alone. Raises, naming the file and the row, before any run is written.
     """
     if not csv_path.is_file():
         raise FileNotFoundError(f"--import_results: {csv_path} is not a file.")
     with open(csv_path, newline="") as stream:
-        rows = list(csv.DictReader(stream))
-    missing = sorted(set(RUN_COLUMNS) - set(rows[0] if rows else ()))
+        reader = csv.DictReader(stream)
+        rows = list(reader)
+    missing = sorted(set(RUN_COLUMNS) - set(reader.fieldnames or ()))
     if missing:
         raise ValueError(f"--import_results: {csv_path} has no column {missing}; is it a benchmark's results.csv?")
     pending = []
@@ -384,6 +387,8 @@ def import_results(mode: Mode, out_dir: Path, csv_path: Path) -> int:
             continue
         where = f"--import_results: {csv_path} line {line} ({row['setting']} seed {seed} {method_name})"
         result = {key: float(value) for key, value in row.items() if key not in RUN_COLUMNS and value != ""}
+        if "epochs" not in result:
+            raise ValueError(f"{where} has no epochs.")
         result["epochs"] = int(result["epochs"])
         epochs, _ = method_schedule(METHODS[method_name], mode)
         if result["epochs"] != epochs:
@@ -471,9 +476,11 @@ def weight_map_figure(
     mode: Mode, out_dir: Path, setting_name: str, seed: int, method_name: str = "mcpm", num_cases: int = 3
 ) -> Path | None:
     """Draw ``weight_maps.png`` from the run of an MCPM method on one setting and seed: its most corrupted training
-    cases; None where the run's networks are not there (it has not run, or it was imported from a CSV)."""
+    cases; None where the run has not finished here (not run, still running, or imported from a CSV: its networks
+    are not the ones of the result)."""
     run_dir = _run_dir(out_dir, setting_name, seed, method_name)
-    if not all((run_dir / "models" / name).is_file() for name in ("model.pt", "meta_network.pt")):
+    result_path = run_dir / "result.json"
+    if not result_path.is_file() or "imported_from" in json.loads(result_path.read_text()):
         return None
     dataset_dir = out_dir / "data" / setting_name / f"seed{seed}"
     method = METHODS[method_name]
@@ -548,7 +555,8 @@ def parse_mode(argv: Sequence[str] | None) -> tuple[str, Mode, Path, Options]:
         type=Path,
         metavar="CSV",
         help="take this benchmark's runs from a results.csv (e.g. docs/results.csv) as finished, where --out_dir has "
-        "no result of its own (a fresh clone); each row's data must match the data generated here",
+        "no result of its own (a fresh clone); each row's data and epochs are checked, the other options must be "
+        "those of the command that made the CSV",
     )
     parser.add_argument(
         "--reference", default="mcpm", choices=list(METHODS), help="the MCPM method the paired differences are of"

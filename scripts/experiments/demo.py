@@ -51,10 +51,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work_dir", type=Path, default=BUNDLE_ROOT / "runs" / "demo")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated dataset")
     parser.add_argument("--epochs", type=int, default=None, help="override train.json's number of epochs")
+    parser.add_argument(
+        "--overwrite_data",
+        action="store_true",
+        help="replace a dataset_dir that holds another dataset (e.g. the 16-case default data of bundle 0.2.0)",
+    )
     args = parser.parse_args(argv)
 
     start = time.time()
-    datalist = generate_dataset(args.dataset_dir, seed=args.seed)
+    datalist = generate_dataset(args.dataset_dir, seed=args.seed, overwrite=args.overwrite_data)
     print(f"dataset: {datalist}", flush=True)
     results, seconds = {}, {}
     for method, name in DEMO_METHODS.items():

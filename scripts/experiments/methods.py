@@ -49,7 +49,8 @@ def _mcpm(label: str, **options: Any) -> Method:
 # MCPM as the paper has it (Wang et al. 2020): plain SGD look-ahead, the noisy cases alone in the real step, one
 # weighted mean over all voxels; configs/train_mcpm_paper.json, the override that turns the bundle's default into it
 PAPER_OVERRIDE = "train_mcpm_paper.json"
-PAPER_MCPM = {key.removeprefix("mcpm#"): value for key, value in json.loads((CONFIGS / PAPER_OVERRIDE).read_text()).items()}
+_PAPER_VALUES = json.loads((CONFIGS / PAPER_OVERRIDE).read_text())
+PAPER_MCPM = {key.removeprefix("mcpm#"): value for key, value in _PAPER_VALUES.items()}
 CLEAN_MCPM = {**PAPER_MCPM, "clean_loss_weight": 1.0}
 # two levers that are more than one option: the teacher correction needs its normalisation, the inputs are a list
 TEACHER = {"correction": "teacher", "weight_normalisation": "mean"}
