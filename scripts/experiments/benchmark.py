@@ -376,7 +376,7 @@ def import_results(mode: Mode, out_dir: Path, csv_path: Path) -> int:
     missing = sorted(set(RUN_COLUMNS) - set(reader.fieldnames or ()))
     if missing:
         raise ValueError(f"--import_results: {csv_path} has no column {missing}; is it a benchmark's results.csv?")
-    pending = []
+    pending, changed_by_dataset = [], {}
     for line, row in enumerate(rows, start=2):
         mode_name, _, setting_name = row["setting"].partition("/")
         seed, method_name = int(row["seed"]), row["method"]
@@ -393,7 +393,10 @@ def import_results(mode: Mode, out_dir: Path, csv_path: Path) -> int:
         epochs, _ = method_schedule(METHODS[method_name], mode)
         if result["epochs"] != epochs:
             raise ValueError(f"{where} trained {result['epochs']} epochs, this benchmark {epochs}.")
-        changed = round(changed_voxel_fraction(dataset_for(mode, setting_name, seed, out_dir)), 4)
+        if (setting_name, seed) not in changed_by_dataset:  # one dataset holds the runs of every method
+            datalist = dataset_for(mode, setting_name, seed, out_dir)
+            changed_by_dataset[setting_name, seed] = round(changed_voxel_fraction(datalist), 4)
+        changed = changed_by_dataset[setting_name, seed]
         if not math.isclose(changed, float(row["changed_fraction"]), abs_tol=1e-4):
             raise ValueError(
                 f"{where} is of a dataset with {row['changed_fraction']} of its voxels changed; the one generated "
