@@ -70,7 +70,8 @@ METHODS: dict[str, Method] = {
     "small_loss": Method("small-loss truncation", (*BASELINE, "train_small_loss.json")),
     "l2rw": Method("pixel-wise L2RW", ("train.json", "train_l2rw.json")),
     "meta_only": Method("meta set only", (*BASELINE, "train_meta_only.json"), meta_set_only=True),
-    # the bundle's default: MCPM with the clean loss and class-wise weights (docs/results.md)
+    # the bundle's default: MCPM with the clean loss and class-wise weights (docs/results.md). Its runs before 0.3.0
+    # made it the default were named mcpm_clean_class (these values as overrides: the same merged config)
     "mcpm": Method("MCPM", ("train.json",), meta_network=True),
     # the values of configs/train_mcpm_paper.json as overrides, so that runs recorded before that file keep their spec
     "mcpm_paper": _mcpm("MCPM as published", **PAPER_MCPM),
@@ -80,13 +81,10 @@ METHODS: dict[str, Method] = {
     "mcpm_class": _mcpm("MCPM, class-wise weights", **{**PAPER_MCPM, "weight_normalisation": "class_sum"}),
     "mcpm_teacher": _mcpm("MCPM, teacher correction", **{**PAPER_MCPM, **TEACHER}),
     "mcpm_inputs": _mcpm("MCPM, label + boundary inputs", **PAPER_MCPM, **INPUTS),
-    # the levers on top of the clean loss, the best single lever at the default scale (docs/results.md);
-    # mcpm_clean_class is the bundle's default, written out
+    # the levers on top of the clean loss, the best single lever at the default scale (docs/results.md); the
+    # clean loss with class-wise weights is the bundle's default, mcpm
     "mcpm_clean_adam": _mcpm(
         "MCPM + clean loss, Adam look-ahead", **{**CLEAN_MCPM, "virtual_step": "adam", "virtual_lr": 0.002}
-    ),
-    "mcpm_clean_class": _mcpm(
-        "MCPM + clean loss, class-wise weights", **{**CLEAN_MCPM, "weight_normalisation": "class_sum"}
     ),
     "mcpm_clean_teacher": _mcpm("MCPM + clean loss, teacher correction", **{**CLEAN_MCPM, **TEACHER}),
     "mcpm_clean_inputs": _mcpm("MCPM + clean loss, label + boundary inputs", **CLEAN_MCPM, **INPUTS),
