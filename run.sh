@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up the bundle's Python environments (pinned requirements) and run the main job or the tests.
-#   bash run.sh main [options of scripts/experiments/demo.py]   # default data, MCPM vs plain, balanced and clean labels, Dice table and times
+#   bash run.sh main [options of scripts/experiments/demo.py]   # default data, MCPM vs plain, DiceCE and clean labels, Dice table and times
 #   bash run.sh test [pytest options]               # lint (python -m tools.lint), then the test suite on every core (what CI runs)
 #   bash run.sh benchmark [options of scripts/experiments/benchmark.py]  # MCPM against every baseline over noise settings and seeds
 # .venv (requirements.txt) runs everything; `test` also builds .venv-monailabel (requirements-monailabel.txt), the

@@ -265,6 +265,15 @@ def test_demo_trains_its_own_folders_with_overwrite(tmp_path, monkeypatch):
     assert len(training) == len(demo.DEMO_METHODS) and all(o["overwrite"] is True for o in training)
     assert all(str(o["ckpt_dir"]).startswith(str((tmp_path / "demo").resolve())) for o in training)
     assert overwrites == [False]  # a dataset folder of the user's is replaced only with --overwrite_data
+    assert "on this one seed" in (tmp_path / "demo" / "results.md").read_text()
+
+
+def test_demo_labels_its_differences_as_one_seed():
+    from scripts.experiments.demo import single_seed_differences
+
+    results = {"MCPM": {"a": [0.8, 0.6], "b": [0.9, float("nan")]}, "plain": {"a": [0.5, 0.5], "b": [0.6, 0.6]}}
+    line = single_seed_differences(results)
+    assert "one seed" in line and "MCPM - plain +0.250" in line  # (0.7 + 0.9) / 2 - 0.55, NaN classes skipped
 
 
 def test_benchmark_restarts_a_run_folder_with_overwrite(tmp_path, monkeypatch):
