@@ -565,13 +565,14 @@ def check_training_config(
 
     ``mcpm`` is the config's ``mcpm`` section, checked against the options of ``scripts/options.py`` (an unknown
     key there is reported: it is most likely a typo); ``output_dirs`` maps config keys to folders that must be
-    writable, with ``min_free_mb`` free. ``amp`` on a device other than CUDA is warned about: the trainers
-    autocast on CUDA only, so such a run trains in float32. Raises :py:class:`ConfigError` listing every problem.
+    writable, with ``min_free_mb`` free. ``amp`` on a device other than CUDA is warned about: MCPM's trainers
+    autocast there too (bfloat16), but MONAI's ``SupervisedTrainer``, which the baselines train with, autocasts on
+    CUDA only. Raises :py:class:`ConfigError` listing every problem.
     """
     if amp and torch.device(device).type != "cuda":
         logger.warning(
-            f"amp is true but the device is {device}: mixed precision is used on CUDA only, so this run "
-            "trains in float32"
+            f"amp is true but the device is {device}: MCPM and L2RW training autocast to bfloat16 there, but the "
+            "baselines (MONAI's SupervisedTrainer) use mixed precision on CUDA only and train in float32"
         )
     epochs_problem = number_problem("epochs", epochs, 1, integer=True)
     interval_problem = number_problem("val_interval", val_interval, 1, integer=True)

@@ -124,6 +124,7 @@ def compute_meta_gradient(
     preconditioner: Mapping[str, torch.Tensor] | None = None,
     base_loss: torch.Tensor | None = None,
     loss_map_function: LossFunction | None = None,
+    jvp_dtype: torch.dtype | None = None,
 ) -> MetaGradient:
     """Compute ∇φ L_meta(θ̂(φ)) for the meta network's parameters φ. The arguments are keyword-only, as several
     share a type (the training and the meta batch above all).
@@ -151,6 +152,8 @@ def compute_meta_gradient(
             teacher, with ℓ the label's loss minus the teacher's). None: Σ_i w̄_i ℓ_i alone, the paper's.
         loss_map_function: what maps (logits, label) to ``loss_map`` for the JVP, when ``loss_map`` is not
             ``loss_function``'s (the teacher correction's difference map); the meta loss stays ``loss_function``'s.
+        jvp_dtype: the dtype of a mixed-precision run's forward passes (``torch.bfloat16``, say), in which the
+            JVP's forward then runs (see ``loss_map_jvp``); None: float32, with ``autocast`` as given.
     """
     if mode not in META_GRADIENT_MODES:
         raise ValueError(f"meta-gradient mode must be one of {META_GRADIENT_MODES}, got {mode!r}.")
@@ -171,15 +174,16 @@ def compute_meta_gradient(
         return MetaGradient(meta_loss.detach(), torch.autograd.grad(meta_loss, meta_params))
 
     grads = torch.autograd.grad((weights.detach() * loss_map).sum() + base, list(params.values()), retain_graph=True)
-    virtual = {
-        name: (p.detach() - virtual_lr * step(name, g)).requires_grad_()
-        for (name, p), g in zip(params.items(), grads, strict=True)
-    }
+    # θ̂ = θ − α P ⊙ g for every tensor in one multi-tensor op (a few kernel launches on CUDA instead of one per tensor)
+    steps = [step(name, g) for name, g in zip(params, grads, strict=True)]
+    moved = torch._foreach_add([p.detach() for p in params.values()], steps, alpha=-virtual_lr)
+    virtual = {name: v.requires_grad_() for name, v in zip(params, moved, strict=True)}
     meta_loss = meta_loss_with(network, loss_function, virtual, meta_batch, autocast)
     direction = [
         step(name, v) for name, v in zip(params, torch.autograd.grad(meta_loss, list(virtual.values())), strict=True)
     ]
-    sensitivity = loss_map_jvp(network, loss_map_function or loss_function, batch, params, direction, autocast)
+    map_function = loss_map_function or loss_function
+    sensitivity = loss_map_jvp(network, map_function, batch, params, direction, autocast, dtype=jvp_dtype)
     surrogate = -virtual_lr * (weights * sensitivity.to(weights.dtype)).sum()
     return MetaGradient(meta_loss.detach(), torch.autograd.grad(surrogate, meta_params))
 
@@ -221,19 +225,32 @@ def loss_map_jvp(
     params: dict[str, torch.Tensor],
     direction: Sequence[torch.Tensor],
     autocast: Autocast = contextlib.nullcontext,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """s_i = ⟨direction, ∇θ ℓ_i(θ)⟩ for every voxel i of ``batch``: one forward-mode JVP of the loss map along
-    ``direction`` (over ``params``; the other parameters enter as constants), detached."""
-    constants = {name: p.detach() for name, p in network.named_parameters() if name not in params}
-    primals = {name: p.detach() for name, p in params.items()}
-    tangents = {name: d.to(p.dtype) for (name, p), d in zip(params.items(), direction, strict=True)}
+    ``direction`` (over ``params``; the other parameters enter as constants), detached.
+
+    With ``dtype`` (a mixed-precision run's, e.g. ``torch.bfloat16``) the forward runs wholly in it: parameters,
+    tangents, floating-point buffers and the image are cast, ``autocast`` is not entered, and the loss is taken in
+    float32 from the logits. Forward-mode AD inside ``torch.autocast`` meets a cast primal with an uncast tangent
+    in the first convolution and fails (torch 2.13), so the cast is made here once, for the whole pass.
+    """
+    cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype) if t.is_floating_point() else t)
+    constants = {name: cast(p.detach()) for name, p in network.named_parameters() if name not in params}
+    primals = {name: cast(p.detach()) for name, p in params.items()}
+    tangents = {name: cast(d.to(p.dtype)) for (name, p), d in zip(params.items(), direction, strict=True)}
+    if dtype is not None:
+        batch = batch._replace(image=cast(batch.image))
+        autocast = contextlib.nullcontext
 
     def loss_map_at(theta: dict[str, torch.Tensor]) -> torch.Tensor:
         with autocast():
-            logits = batch.forward(network, {**theta, **constants, **buffer_copies(network)})
-            return loss_function(logits, batch.label)
+            buffers = {name: cast(b) for name, b in buffer_copies(network).items()}
+            logits = batch.forward(network, {**theta, **constants, **buffers})
+            return loss_function(logits if dtype is None else logits.float(), batch.label)
 
-    return jvp(loss_map_at, (primals,), (tangents,))[1].detach()
+    sensitivity = jvp(loss_map_at, (primals,), (tangents,))[1].detach()
+    return sensitivity if dtype is None else sensitivity.float()
 
 
 def l2rw_weights(
@@ -242,6 +259,7 @@ def l2rw_weights(
     batch: Batch,
     meta_batch: Batch,
     autocast: Autocast = contextlib.nullcontext,
+    jvp_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel-wise learning-to-reweight weights max(0, s_i), s_i = ⟨∇θ L_meta(θ), ∇θ ℓ_i(θ)⟩, and L_meta(θ).
 
@@ -251,4 +269,5 @@ def l2rw_weights(
     params = {name: p.detach().requires_grad_() for name, p in virtual_step_parameters(network).items()}
     meta_loss = meta_loss_with(network, loss_function, params, meta_batch, autocast)
     direction = torch.autograd.grad(meta_loss, list(params.values()))
-    return meta_loss.detach(), loss_map_jvp(network, loss_function, batch, params, direction, autocast).clamp_min(0)
+    sensitivity = loss_map_jvp(network, loss_function, batch, params, direction, autocast, dtype=jvp_dtype)
+    return meta_loss.detach(), sensitivity.clamp_min(0)

@@ -212,7 +212,25 @@ class MetaReweightTrainer(SupervisedTrainer):
         return self._prepare(batch)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast("cuda", **self.amp_kwargs) if self.amp else contextlib.nullcontext()
+        """Autocast on the trainer's device when ``amp`` is on (bfloat16 by default on the CPU, float16 on CUDA,
+        ``amp_kwargs["dtype"]`` where given), so that mixed precision works on the CPU too; MONAI's
+        ``SupervisedTrainer`` autocasts on CUDA only."""
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.state.device).type, **self.amp_kwargs)
+
+    def _amp_dtype(self) -> torch.dtype | None:
+        """The dtype of this run's autocast forward passes, for the meta-gradient's JVP; None without ``amp``."""
+        if not self.amp:
+            return None
+        device_type = torch.device(self.state.device).type
+        return self.amp_kwargs.get("dtype", torch.get_autocast_dtype(device_type))
+
+    def _grad_scaler(self) -> Any:
+        """MONAI's gradient scaler where it scales (``amp`` on CUDA); None otherwise, as on the CPU, where MONAI's
+        ``torch.cuda.amp.GradScaler`` is disabled and bfloat16 needs no scaling."""
+        scaler = self.scaler if self.amp else None
+        return scaler if scaler is not None and scaler.is_enabled() else None
 
     @property
     def unwrapped_network(self) -> nn.Module:
@@ -301,7 +319,7 @@ class MetaReweightTrainer(SupervisedTrainer):
         engine.state.output[WEIGHT_KEY] = weights.unsqueeze(1)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
-        scaler = engine.scaler if engine.amp else None
+        scaler = engine._grad_scaler()
         # on every rank, even when non-finite, so that DDP's gradient all-reduce stays in step
         (scaler.scale(loss) if scaler is not None else loss).backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
@@ -478,6 +496,7 @@ class MCPMTrainer(MetaReweightTrainer):
                 preconditioner=self._preconditioner(),
                 base_loss=base_loss,
                 loss_map_function=map_function,
+                jvp_dtype=self._amp_dtype(),
             )
             grads = _rank_mean(grads)  # after the reduction, so that every rank takes the same decision
             finite = _all_finite([meta_loss, *grads])
@@ -518,7 +537,9 @@ class L2RWTrainer(MetaReweightTrainer):
         if not self.meta_step_due():
             return torch.ones_like(loss_map), loss_map.mean(), True
         network, meta_batch = self.unwrapped_network, self._meta_batch()
-        meta_loss, raw = l2rw_weights(network, self.loss_function, batch, meta_batch, self._autocast)
+        meta_loss, raw = l2rw_weights(
+            network, self.loss_function, batch, meta_batch, self._autocast, jvp_dtype=self._amp_dtype()
+        )
         finite = _all_finite([meta_loss, raw])
         self._record("meta_loss", meta_loss.item())
         self.state.output["meta_loss"] = meta_loss

@@ -3,6 +3,7 @@ real model's batch-norm running statistics."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 
@@ -245,3 +246,32 @@ def test_l2rw_weights_are_the_negative_meta_gradient_of_the_loss_coefficients():
     assert torch.isclose(meta_loss, reference_meta_loss.detach())
     assert (weights > 0).any() and (weights == 0).any()
     assert torch.allclose(weights, expected, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("normalisation", ["sum", "class_sum"])
+def test_bfloat16_jvp_agrees_with_float32(normalisation):
+    """A mixed-precision run's meta-gradient (bfloat16 autocast forward, the JVP cast wholly to bfloat16) on the
+    CPU: finite, and within bfloat16's tolerance of the float32 one."""
+    network, meta_network, image, label, meta_image, meta_label = _problem("batch")
+    network, meta_network = network.float(), meta_network.float()
+    image, meta_image = image.float(), meta_image.float()
+    autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    results = {}
+    for dtype in (None, torch.bfloat16):
+        context = autocast if dtype is not None else contextlib.nullcontext
+        with context():
+            logits = network(image)
+            loss_map = voxel_cross_entropy(logits, label)
+        results[dtype] = compute_meta_gradient(
+            mode="jvp", network=network, loss_function=voxel_cross_entropy, batch=Batch(image, label),
+            loss_map=loss_map, meta_network=meta_network,
+            meta_input=meta_network.build_input(loss_map.float(), logits.float(), label, image),
+            meta_batch=Batch(meta_image, meta_label), virtual_lr=0.1, normalisation=normalisation,
+            autocast=context, jvp_dtype=dtype,
+        )
+    reference, mixed = (torch.cat([g.flatten() for g in results[d].grads]) for d in (None, torch.bfloat16))
+    assert all(g.dtype == torch.float32 for g in results[torch.bfloat16].grads) and mixed.isfinite().all()
+    assert reference.norm() > 0
+    assert torch.nn.functional.cosine_similarity(mixed, reference, dim=0) > 0.999
+    assert ((mixed - reference).norm() / reference.norm()).item() < 0.05
+    assert torch.isclose(results[torch.bfloat16].meta_loss.float(), results[None].meta_loss, rtol=0.02)

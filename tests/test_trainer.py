@@ -351,3 +351,19 @@ def test_rising_meta_loss_is_reported(caplog):
             trainer.state.epoch, trainer.state.metrics["meta_loss"] = epoch, meta_loss
             trainer._warn_on_rising_meta_loss(trainer)
             assert ("meta loss has stayed above" in caplog.text) == (epoch == 5)
+
+
+@pytest.mark.parametrize("options", [{}, {"clean_loss_weight": 1.0, "weight_normalisation": "class_sum"}])
+def test_bfloat16_autocast_trains_on_the_cpu(options):
+    """``amp`` with bfloat16 on the CPU: the forward passes autocast (MONAI's own autocast is CUDA-only), the JVP
+    runs in bfloat16, and every step is taken with finite weights and meta loss."""
+    trainer = make_trainer(max_epochs=2, amp=True, amp_kwargs={"dtype": torch.bfloat16}, **options)
+    dtypes = []
+    trainer.add_event_handler(IterationEvents.FORWARD_COMPLETED, lambda e: dtypes.append(e.state.output["pred"].dtype))
+    meta0, seg0 = _flat(trainer.meta_network), _flat(trainer.network)
+    history = _track(trainer)
+    trainer.run()
+    assert dtypes and all(dtype == torch.bfloat16 for dtype in dtypes)
+    assert trainer.state.metrics["skipped_steps"] == 0 and math.isfinite(trainer.state.metrics["meta_loss"])
+    assert all(((o["weight"] > 0) & (o["weight"] < 1)).all() for h in history for o in h["output"])
+    assert not torch.equal(_flat(trainer.meta_network), meta0) and not torch.equal(_flat(trainer.network), seg0)
