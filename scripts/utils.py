@@ -18,6 +18,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+import torch
 
 __all__ = [
     "DATALIST",
@@ -68,6 +69,15 @@ def as_flag(name: str, value: object) -> bool:
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
     raise BundleInputError(f"{name} must be true or false, got {value!r}.")
+
+
+def set_cudnn_benchmark(enabled: bool) -> bool:
+    """Let cuDNN time its convolution algorithms for the run's fixed patch shape and keep the fastest (``enabled``;
+    faster on CUDA, not bit-for-bit repeatable), or keep deterministic algorithms. To be called after MONAI's
+    ``set_determinism``, which turns benchmarking off and determinism on; no effect on the CPU. Returns ``enabled``."""
+    torch.backends.cudnn.benchmark = enabled
+    torch.backends.cudnn.deterministic = not enabled
+    return enabled
 
 
 # the datalist's splits: noisy training cases, trusted (clean) meta cases, validation and test cases

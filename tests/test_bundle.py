@@ -147,6 +147,28 @@ def test_workflow_properties(config, workflow_type, data, dataset, tmp_path):
     assert workflow.check_properties() == []
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_cudnn_benchmark_is_set_after_set_determinism(enabled, dataset, tmp_path, monkeypatch):
+    """``cudnn_benchmark`` (on by default) is set in ``run``, after MONAI's ``set_determinism`` in ``initialize``
+    turned it off and before training; ``--cudnn_benchmark false`` keeps cuDNN deterministic. The multi-GPU
+    override keeps the same order."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not enabled)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", enabled)
+    overrides = {} if enabled else {"cudnn_benchmark": "false"}
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIGS / "train.json"), workflow_type="train", logging_file=False,
+        bundle_root=str(BUNDLE_ROOT), dataset_dir=str(dataset), output_dir=str(tmp_path), **overrides,
+    )
+    workflow.initialize()
+    assert torch.backends.cudnn.benchmark is False  # set_determinism's
+    workflow.parser.get_parsed_content("cudnn_benchmark_setting")
+    assert torch.backends.cudnn.benchmark is enabled and torch.backends.cudnn.deterministic is (not enabled)
+    for name in ("train.json", "multi_gpu_train.json"):
+        run = json.loads((CONFIGS / name).read_text())["run"]
+        assert run.index("@check_data") < run.index("@cudnn_benchmark_setting") < len(run) - 1, name
+        assert "trainer.run()" in run[-1]
+
+
 def test_verify_net_in_out_and_ckpt_export(trained, tmp_path):
     bundle("verify_net_in_out", ["inference.json"], tmp_path, net_id="network_def", meta_file=CONFIGS / "metadata.json", n=2)
     exported = tmp_path / "model.ts"
