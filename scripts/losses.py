@@ -52,6 +52,32 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return -(target.detach().to(dtype) * F.log_softmax(logits.to(dtype), dim=1)).sum(dim=1)
 
 
+def weighted_soft_dice(
+    logits: torch.Tensor, label: torch.Tensor, weights: torch.Tensor | None = None, smooth: float = 1e-5
+) -> torch.Tensor:
+    """The soft Dice loss of MONAI's ``DiceLoss(to_onehot_y=True, softmax=True)`` (every class, background included,
+    per case, then the mean) with every voxel's terms scaled by its weight:
+    1 − (2 Σ_i w_i p_ic y_ic + s) / (Σ_i w_i (p_ic + y_ic) + s). With weights of 1 it is ``DiceLoss`` exactly, and it
+    is unchanged when all weights are scaled alike (but for the smoothing ``s``), so a voxel's weight says only how
+    much it counts against the others.
+
+    Args:
+        logits: (B, C, *spatial) network output.
+        label: (B, 1, *spatial) or (B, *spatial) class indices.
+        weights: (B, *spatial) or (B, 1, *spatial) voxel weights, treated as constants; None: all 1.
+    """
+    index = _index_label(logits, label)
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    probabilities = torch.softmax(logits.to(dtype), dim=1)
+    one_hot = F.one_hot(index, logits.shape[1]).movedim(-1, 1).to(dtype)
+    w = torch.ones_like(index, dtype=dtype) if weights is None else weights.detach().to(dtype).reshape(index.shape)
+    w = w.unsqueeze(1)
+    axes = tuple(range(2, logits.dim()))
+    intersection = (w * probabilities * one_hot).sum(axes)
+    total = (w * (probabilities + one_hot)).sum(axes)
+    return (1 - (2 * intersection + smooth) / (total + smooth)).mean()
+
+
 def _reduce(loss_map: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         return loss_map.mean()

@@ -65,6 +65,7 @@ MCPM_OPTIONS: dict[str, OptionCheck] = {
     "meta_learning_rate": number(0, low_open=True),
     "meta_batch_size": number(1, integer=True),
     "clean_loss_weight": number(0),
+    "dice_loss_weight": number(0),
     "correction": one_of(CORRECTIONS),
     "teacher_decay": number(0, 1),
 }

@@ -28,7 +28,7 @@ from monai.utils import CommonKeys as Keys
 from torch import nn
 from torch.optim import Optimizer
 
-from scripts.losses import soft_cross_entropy
+from scripts.losses import soft_cross_entropy, weighted_soft_dice
 from scripts.meta_gradient import (
     Batch,
     adam_preconditioner,
@@ -109,6 +109,11 @@ class MetaReweightTrainer(SupervisedTrainer):
         clean_loss_weight: λ; the real step's loss is the re-weighted noisy loss plus λ times the mean loss of a
             clean meta batch (the same batch as the iteration's meta step), from the first epoch on. 0 (the
             paper's MCPM) trains on the noisy cases only; 1 gives the clean batch as much say as the noisy one.
+        dice_loss_weight: μ; the real step also minimises μ times the soft Dice loss of the noisy batch with every
+            voxel's terms scaled by its weight (``weighted_soft_dice``; all weights 1 in warm-up, which is then
+            plain training with DiceCE), and the clean term becomes λ (CE + μ Dice). The look-ahead of the meta step
+            stays the weighted cross-entropy: the exact meta-gradient needs a loss that is a weighted sum over voxels,
+            which Dice is not. 0 (the paper's): cross-entropy only.
 
     The options are checked as ``check_training_config`` checks the config's ``mcpm`` section, with the one
     definition in ``scripts/options.py``.
@@ -132,6 +137,7 @@ class MetaReweightTrainer(SupervisedTrainer):
         meta_interval: int = 1,
         max_nonfinite_steps: int = 5,
         clean_loss_weight: float = 0.0,
+        dice_loss_weight: float = 0.0,
         prepare_batch: Callable = default_prepare_batch,
         train_handlers: Sequence | None = None,
         **kwargs: Any,
@@ -141,6 +147,7 @@ class MetaReweightTrainer(SupervisedTrainer):
             warmup_epochs=warmup_epochs,
             max_nonfinite_steps=max_nonfinite_steps,
             clean_loss_weight=clean_loss_weight,
+            dice_loss_weight=dice_loss_weight,
         )
         super().__init__(
             device=device,
@@ -158,6 +165,7 @@ class MetaReweightTrainer(SupervisedTrainer):
         self.warmup_epochs = warmup_epochs
         self.max_nonfinite_steps = max_nonfinite_steps
         self.clean_loss_weight = float(clean_loss_weight)
+        self.dice_loss_weight = float(dice_loss_weight)
         self._consecutive_skips = 0
         self._meta_batches: Iterator | None = None
         # the meta batch of the current iteration, shared by its meta step and its clean loss term
@@ -193,11 +201,15 @@ class MetaReweightTrainer(SupervisedTrainer):
         return self._iteration_meta_batch[1]
 
     def _clean_loss(self) -> torch.Tensor:
-        """The mean loss of this iteration's meta batch at the current parameters, for the real step."""
+        """The mean loss of this iteration's meta batch at the current parameters, for the real step (plus μ times its
+        soft Dice loss with ``dice_loss_weight``)."""
         meta_batch = self._meta_batch()
         with self._autocast():
             pred = self.inferer(meta_batch.image, self.network, *meta_batch.args, **meta_batch.kwargs)
-            return self.loss_function(pred, meta_batch.label).mean()
+            loss = self.loss_function(pred, meta_batch.label).mean()
+        if self.dice_loss_weight > 0:
+            loss = loss + self.dice_loss_weight * weighted_soft_dice(pred, meta_batch.label)
+        return loss
 
     def _next_meta_batch(self) -> Batch:
         """The next batch of the meta set, restarting the meta loader when it runs out."""
@@ -310,6 +322,8 @@ class MetaReweightTrainer(SupervisedTrainer):
             loss = loss_map.mean()
         else:
             weights, loss, finite = engine._reweight(batch, pred, loss_map)
+        if engine.dice_loss_weight > 0:
+            loss = loss + engine.dice_loss_weight * weighted_soft_dice(pred, batch.label, weights)
         if engine.clean_loss_weight > 0:
             clean_loss = engine._clean_loss()
             engine.state.output["clean_loss"] = clean_loss.detach()

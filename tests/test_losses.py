@@ -76,3 +76,23 @@ def test_soft_cross_entropy_of_a_one_hot_target_is_the_cross_entropy():
     assert soft_cross_entropy(logits.half(), one_hot).dtype == torch.float32  # as cross-entropy under autocast
     with pytest.raises(ValueError, match="soft target shape"):
         soft_cross_entropy(logits, one_hot[:, :2])
+
+
+def test_weighted_soft_dice_is_monai_dice_with_voxel_weights():
+    from monai.losses import DiceLoss
+
+    from scripts.losses import weighted_soft_dice
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8, 8, generator=g, dtype=torch.float64)
+    label = torch.randint(0, 3, (2, 1, 8, 8, 8), generator=g)
+    monai_dice = DiceLoss(to_onehot_y=True, softmax=True)
+    assert torch.isclose(weighted_soft_dice(logits, label), monai_dice(logits, label))
+    # scaling every weight alike changes nothing but the smoothing
+    ones = torch.ones(2, 8, 8, 8, dtype=torch.float64)
+    assert torch.isclose(weighted_soft_dice(logits, label, 0.5 * ones), monai_dice(logits, label), atol=1e-5)
+    # weights of 0 outside a box: the Dice of the box alone
+    box = torch.zeros_like(ones)
+    box[:, 2:6, 1:7, 3:8] = 1
+    cropped = monai_dice(logits[..., 2:6, 1:7, 3:8], label[..., 2:6, 1:7, 3:8])
+    assert torch.isclose(weighted_soft_dice(logits, label, box), cropped)

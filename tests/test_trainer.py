@@ -132,6 +132,33 @@ def test_warmup_iteration_equals_supervised_trainer():
         assert torch.allclose(a, b, atol=1e-6), name
 
 
+def test_warmup_with_the_dice_term_equals_dicece_training():
+    """With ``dice_loss_weight`` 1, warm-up iterations (all weights 1) are plain training with MONAI's
+    ``DiceCELoss``, the strongest simple baseline: the same loss at every iteration. (The parameters are compared
+    through the losses: the biases before batch norm have no effect, and Adam turns their rounding-level gradients
+    into full steps.) Training after warm-up stays finite."""
+    from monai.losses import DiceCELoss
+
+    network = tiny_unet(out_channels=2)
+    reference = copy.deepcopy(network)
+    trainer = make_trainer(max_epochs=2, network=network, warmup_epochs=2, dice_loss_weight=1.0)
+    supervised = SupervisedTrainer(
+        device="cpu", max_epochs=2,
+        train_data_loader=DataLoader(_cases(4, seed=1, corrupt=True), batch_size=2, shuffle=False),
+        network=reference, optimizer=torch.optim.Adam(reference.parameters(), 1e-2),
+        loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
+    )
+    losses: dict[str, list[float]] = {"mcpm": [], "dicece": []}
+    for name, engine in (("mcpm", trainer), ("dicece", supervised)):
+        engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e, n=name: losses[n].append(e.state.output[0]["loss"]))
+        engine.run()
+    assert len(losses["mcpm"]) == 4 and losses["mcpm"][-1] < losses["mcpm"][0]
+    assert losses["mcpm"] == pytest.approx(losses["dicece"], rel=1e-5)
+    trainer = make_trainer(max_epochs=1, dice_loss_weight=1.0, clean_loss_weight=1.0)
+    trainer.run()
+    assert trainer.state.metrics["skipped_steps"] == 0 and math.isfinite(trainer.state.output[0]["loss"])
+
+
 def test_running_stats_change_only_in_the_real_step():
     """After one MCPM iteration the batch-norm running statistics equal those of a single real forward."""
     trainer = make_trainer(num_train=2)
@@ -188,6 +215,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, options):
         ({"virtual_step_params": ["decoder"]}, "virtual_step_params"),
         ({"correction": "ema"}, "correction"),
         ({"teacher_decay": 1.5}, "teacher_decay"),
+        ({"dice_loss_weight": -1.0}, "dice_loss_weight"),
         ({"correction": "teacher"}, "set weight_normalisation 'mean', got 'sum'"),
     ],
 )

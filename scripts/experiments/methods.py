@@ -88,6 +88,8 @@ METHODS: dict[str, Method] = {
     ),
     "mcpm_clean_teacher": _mcpm("MCPM + clean loss, teacher correction", **{**CLEAN_MCPM, **TEACHER}),
     "mcpm_clean_inputs": _mcpm("MCPM + clean loss, label + boundary inputs", **CLEAN_MCPM, **INPUTS),
+    # the Dice term of the real step, the loss of the strongest simple baseline (plain_dicece)
+    "mcpm_dice": _mcpm("MCPM + Dice term", dice_loss_weight=1.0),
     # the cost levers of docs/performance.md, each one change from the default: fewer meta steps
     "mcpm_interval4": _mcpm("MCPM, a meta step every 4th iteration", meta_interval=4),
     "mcpm_interval8": _mcpm("MCPM, a meta step every 8th iteration", meta_interval=8),
