@@ -101,10 +101,15 @@ def buffer_copies(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class MetaGradient(NamedTuple):
-    """The meta loss at the virtual parameters and its gradient for each meta-network parameter."""
+    """The meta loss at the virtual parameters and its gradient for each meta-network parameter; in the ``jvp`` mode
+    also the two gradients of the segmentation parameters it computed on the way, detached, which a real step can
+    reuse: ``virtual_step_grads``, ∇θ of the re-weighted training loss at θ (with the weights before the meta
+    update), and ``meta_batch_grads``, ∇ of the meta batch's mean loss at θ̂ (before any preconditioning)."""
 
     meta_loss: torch.Tensor
     grads: tuple[torch.Tensor, ...]
+    virtual_step_grads: tuple[torch.Tensor, ...] | None = None
+    meta_batch_grads: tuple[torch.Tensor, ...] | None = None
 
 
 def compute_meta_gradient(
@@ -179,13 +184,13 @@ def compute_meta_gradient(
     moved = torch._foreach_add([p.detach() for p in params.values()], steps, alpha=-virtual_lr)
     virtual = {name: v.requires_grad_() for name, v in zip(params, moved, strict=True)}
     meta_loss = meta_loss_with(network, loss_function, virtual, meta_batch, autocast)
-    direction = [
-        step(name, v) for name, v in zip(params, torch.autograd.grad(meta_loss, list(virtual.values())), strict=True)
-    ]
+    meta_batch_grads = torch.autograd.grad(meta_loss, list(virtual.values()))
+    direction = [step(name, v) for name, v in zip(params, meta_batch_grads, strict=True)]
     map_function = loss_map_function or loss_function
     sensitivity = loss_map_jvp(network, map_function, batch, params, direction, autocast, dtype=jvp_dtype)
     surrogate = -virtual_lr * (weights * sensitivity.to(weights.dtype)).sum()
-    return MetaGradient(meta_loss.detach(), torch.autograd.grad(surrogate, meta_params))
+    meta_grads = torch.autograd.grad(surrogate, meta_params)
+    return MetaGradient(meta_loss.detach(), meta_grads, tuple(grads), tuple(meta_batch_grads))
 
 
 def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

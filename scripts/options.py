@@ -44,6 +44,11 @@ def number(low: float, high: float = math.inf, integer: bool = False, low_open: 
     return lambda name, value: number_problem(name, value, low, high, integer=integer, low_open=low_open)
 
 
+def boolean(name: str, value: Any) -> str | None:
+    """A check that the value is true or false."""
+    return None if isinstance(value, bool) else f"{name} must be true or false, got {value!r}"
+
+
 def parameter_prefixes(name: str, value: Any) -> str | None:
     """A check that the value is None (every parameter) or a non-empty list of parameter name prefixes; whether each
     prefix matches a parameter only the network can tell (``scripts.meta_gradient.virtual_step_parameters``)."""
@@ -68,18 +73,33 @@ MCPM_OPTIONS: dict[str, OptionCheck] = {
     "dice_loss_weight": number(0),
     "correction": one_of(CORRECTIONS),
     "teacher_decay": number(0, 1),
+    "reuse_virtual_gradient": boolean,
 }
 
 
 def combination_problems(options: Mapping[str, Any], prefix: str = "") -> list[str]:
     """Problems of options that are valid alone but not together."""
     correction, normalisation = options.get("correction", "none"), options.get("weight_normalisation", "mean")
+    problems = []
     if correction == "teacher" and normalisation != "mean":
-        return [
+        problems.append(
             f"{prefix}correction 'teacher' makes every voxel's target w·label + (1 − w)·teacher, so each voxel's "
             f"loss counts 1/N: set {prefix}weight_normalisation 'mean', got {normalisation!r}"
-        ]
-    return []
+        )
+    if options.get("reuse_virtual_gradient") is True:
+        # the reused gradients are the jvp mode's, of every parameter, and cover the cross-entropy terms only
+        clashes = {
+            "meta_gradient": ("jvp", options.get("meta_gradient", "jvp")),
+            "virtual_step_params": (None, options.get("virtual_step_params")),
+            "dice_loss_weight": (0, options.get("dice_loss_weight", 0)),
+        }
+        for name, (needed, value) in clashes.items():
+            if value != needed:
+                problems.append(
+                    f"{prefix}reuse_virtual_gradient takes the real step from the jvp meta step's gradients of every "
+                    f"parameter and the cross-entropy terms: set {prefix}{name} {needed!r}, got {value!r}"
+                )
+    return problems
 
 
 def option_problems(options: Mapping[str, Any], section: str = "") -> list[str]:

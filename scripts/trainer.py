@@ -31,6 +31,7 @@ from torch.optim import Optimizer
 from scripts.losses import soft_cross_entropy, weighted_soft_dice
 from scripts.meta_gradient import (
     Batch,
+    MetaGradient,
     adam_preconditioner,
     compute_meta_gradient,
     l2rw_weights,
@@ -171,6 +172,8 @@ class MetaReweightTrainer(SupervisedTrainer):
         # the meta batch of the current iteration, shared by its meta step and its clean loss term
         self._iteration_meta_batch: tuple[int, Batch] | None = None
         self._stat_sums: dict[str, list[float]] = {}
+        # the real step's gradients when ``_reweight`` already has them (MCPM's reuse_virtual_gradient), per parameter
+        self._reused_gradients: list[torch.Tensor] | None = None
         self.add_event_handler(Events.EPOCH_STARTED, self._start_epoch)
 
     def _reweight(
@@ -317,6 +320,7 @@ class MetaReweightTrainer(SupervisedTrainer):
         engine.state.output[Keys.PRED] = pred
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
 
+        engine._reused_gradients = None
         if engine.state.epoch <= engine.warmup_epochs:
             weights = torch.ones_like(loss_map)
             loss = loss_map.mean()
@@ -324,7 +328,7 @@ class MetaReweightTrainer(SupervisedTrainer):
             weights, loss, finite = engine._reweight(batch, pred, loss_map)
         if engine.dice_loss_weight > 0:
             loss = loss + engine.dice_loss_weight * weighted_soft_dice(pred, batch.label, weights)
-        if engine.clean_loss_weight > 0:
+        if engine.clean_loss_weight > 0 and engine._reused_gradients is None:
             clean_loss = engine._clean_loss()
             engine.state.output["clean_loss"] = clean_loss.detach()
             loss = loss + engine.clean_loss_weight * clean_loss
@@ -334,8 +338,15 @@ class MetaReweightTrainer(SupervisedTrainer):
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
         scaler = engine._grad_scaler()
-        # on every rank, even when non-finite, so that DDP's gradient all-reduce stays in step
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if engine._reused_gradients is None:
+            # on every rank, even when non-finite, so that DDP's gradient all-reduce stays in step
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        else:
+            # the gradients the meta step computed, in the scaler's units when there is one (it unscales them)
+            scale = scaler.get_scale() if scaler is not None else 1.0
+            trainable = [p for p in engine.network.parameters() if p.requires_grad]
+            for param, grad in zip(trainable, engine._reused_gradients, strict=True):
+                param.grad = grad * scale if scale != 1.0 else grad
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         # the scaler checks (scaled) gradients itself; without it, check them here
         gradients = [] if scaler is not None else [p.grad for p in engine.network.parameters() if p.grad is not None]
@@ -378,6 +389,13 @@ class MCPMTrainer(MetaReweightTrainer):
             (1/N) Σ_i [w_i ℓ_i + (1 − w_i) CE(p̂_i)], so it needs ``weight_normalisation`` ``"mean"``; the meta
             network still reads the label's loss map.
         teacher_decay: the teacher's EMA decay per iteration (``correction`` ``"teacher"``).
+        reuse_virtual_gradient: on iterations with a meta step, the real step takes the gradients the meta step has
+            already computed instead of a backward of its own: the virtual step's gradient of the re-weighted loss
+            (weights of the meta network before its update; the next iteration's weights come from the updated one)
+            plus, with ``clean_loss_weight`` λ, λ times the meta batch's gradient at the look-ahead θ̂ in place of
+            the clean batch's at θ. One backward of the training batch and one forward and backward of the meta batch
+            less, at the cost of those two approximations. Needs ``meta_gradient`` ``"jvp"``, every parameter in the
+            virtual step, no Dice term, and a single process (not DDP).
 
     Under DDP (``network`` wrapped in ``DistributedDataParallel``, a process group initialised) each rank
     computes the meta-gradient on its own shard of the training and meta batches, the ranks average it, and
@@ -396,6 +414,7 @@ class MCPMTrainer(MetaReweightTrainer):
         virtual_step_params: Sequence[str] | None = None,
         correction: str = "none",
         teacher_decay: float = 0.99,
+        reuse_virtual_gradient: bool = False,
         **kwargs: Any,
     ) -> None:
         check_options(
@@ -406,8 +425,16 @@ class MCPMTrainer(MetaReweightTrainer):
             virtual_step_params=virtual_step_params,
             correction=correction,
             teacher_decay=teacher_decay,
+            reuse_virtual_gradient=reuse_virtual_gradient,
+            dice_loss_weight=kwargs.get("dice_loss_weight", 0.0),
         )
         super().__init__(*args, **kwargs)
+        if reuse_virtual_gradient and _world_size() > 1:
+            raise ValueError(
+                "reuse_virtual_gradient sets the real step's gradients without a backward, so DDP would not average "
+                "them across ranks: set it false for multi-GPU training."
+            )
+        self.reuse_virtual_gradient = bool(reuse_virtual_gradient)
         if virtual_step == "adam" and not all("betas" in group for group in self.optimizer.param_groups):
             raise ValueError(
                 f"virtual_step 'adam' scales the virtual step as the real Adam optimizer does, but the optimizer is "
@@ -494,7 +521,10 @@ class MCPMTrainer(MetaReweightTrainer):
             map_function = functools.partial(label_minus_teacher_loss, self.loss_function, targets)
         finite = True
         if self.meta_step_due():
-            meta_loss, grads = compute_meta_gradient(
+            if self.reuse_virtual_gradient:  # the weights the virtual step uses, before the meta network's update
+                with torch.no_grad():
+                    weights_before = self.meta_network(meta_input)
+            result = compute_meta_gradient(
                 mode=self.meta_gradient,
                 network=self.unwrapped_network,
                 loss_function=self.loss_function,
@@ -512,7 +542,8 @@ class MCPMTrainer(MetaReweightTrainer):
                 loss_map_function=map_function,
                 jvp_dtype=self._amp_dtype(),
             )
-            grads = _rank_mean(grads)  # after the reduction, so that every rank takes the same decision
+            # reduced first, so that every rank takes the same decision
+            meta_loss, grads = result.meta_loss, _rank_mean(result.grads)
             finite = _all_finite([meta_loss, *grads])
             if finite:
                 self.meta_optimizer.zero_grad(set_to_none=True)
@@ -522,10 +553,36 @@ class MCPMTrainer(MetaReweightTrainer):
                 self.meta_optimizer.step()
                 self._record("meta_loss", meta_loss.item())
             self.state.output["meta_loss"] = meta_loss
+            if self.reuse_virtual_gradient:
+                return self._reuse(result, weights_before, batch, weighted_map, base_loss, finite)
         with torch.no_grad():
             weights = self.meta_network(meta_input)
         loss = (normalise_weights(weights, self.weight_normalisation, batch.label) * weighted_map).sum()
         return weights, loss if base_loss is None else loss + base_loss, finite
+
+    def _reuse(
+        self,
+        result: MetaGradient,
+        weights: torch.Tensor,
+        batch: Batch,
+        weighted_map: torch.Tensor,
+        base_loss: torch.Tensor | None,
+        finite: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """The real step of ``reuse_virtual_gradient``: the meta step's gradients as the real step's (set for
+        ``_iteration``), and the loss they are the gradient of (for the logs), with ``weights``, those they were
+        taken with."""
+        gradients = list(result.virtual_step_grads)
+        loss = 0.0
+        if self.clean_loss_weight > 0:
+            gradients = [g + self.clean_loss_weight * v for g, v in zip(gradients, result.meta_batch_grads, strict=True)]
+            loss = self.clean_loss_weight * result.meta_loss
+            self.state.output["clean_loss"] = result.meta_loss
+        self._reused_gradients = gradients
+        with torch.no_grad():
+            weighted = (normalise_weights(weights, self.weight_normalisation, batch.label) * weighted_map).sum()
+        total = weighted + loss + (0.0 if base_loss is None else base_loss.detach())
+        return weights, total, finite
 
     def _preconditioner(self) -> dict[str, torch.Tensor] | None:
         """The elementwise scaling of the virtual step: None (SGD), or the real Adam optimizer's 1 / (√v̂ + ε)."""

@@ -216,6 +216,10 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, options):
         ({"correction": "ema"}, "correction"),
         ({"teacher_decay": 1.5}, "teacher_decay"),
         ({"dice_loss_weight": -1.0}, "dice_loss_weight"),
+        ({"reuse_virtual_gradient": "yes"}, "reuse_virtual_gradient must be true or false"),
+        ({"reuse_virtual_gradient": True, "meta_gradient": "second_order"}, "set meta_gradient 'jvp'"),
+        ({"reuse_virtual_gradient": True, "virtual_step_params": ["model.2"]}, "set virtual_step_params None"),
+        ({"reuse_virtual_gradient": True, "dice_loss_weight": 1.0}, "set dice_loss_weight 0"),
         ({"correction": "teacher"}, "set weight_normalisation 'mean', got 'sum'"),
     ],
 )
@@ -395,3 +399,49 @@ def test_bfloat16_autocast_trains_on_the_cpu(options):
     assert trainer.state.metrics["skipped_steps"] == 0 and math.isfinite(trainer.state.metrics["meta_loss"])
     assert all(((o["weight"] > 0) & (o["weight"] < 1)).all() for h in history for o in h["output"])
     assert not torch.equal(_flat(trainer.meta_network), meta0) and not torch.equal(_flat(trainer.network), seg0)
+
+
+@pytest.mark.parametrize("clean_loss_weight", [0.0, 1.0])
+def test_reused_gradients_are_the_meta_steps(clean_loss_weight):
+    """With ``reuse_virtual_gradient``, a meta iteration's real step is an SGD step along the meta step's own
+    gradients: the virtual step's (weights before the meta update) plus λ times the meta batch's at θ̂; the
+    iterations without a meta step still compute the clean loss, those with one do not."""
+    from scripts.meta_gradient import Batch, compute_meta_gradient
+
+    network, meta_network = tiny_unet(out_channels=2), MetaMaskNet(hidden_channels=(4,))
+    torch.nn.init.normal_(meta_network.head.weight, std=0.5)
+    network_before, meta_before = copy.deepcopy(network), copy.deepcopy(meta_network)
+    train_loader = DataLoader(_cases(4, seed=1, corrupt=True), batch_size=2, shuffle=False)
+    meta_loader = DataLoader(_cases(2, seed=2), batch_size=1, shuffle=False)
+    trainer = MCPMTrainer(
+        device="cpu", max_epochs=1, train_data_loader=train_loader, network=network,
+        optimizer=torch.optim.SGD(network.parameters(), lr=0.1), loss_function=VoxelCrossEntropyLoss(reduction="none"),
+        meta_data_loader=meta_loader, meta_network=meta_network,
+        meta_optimizer=torch.optim.Adam(meta_network.parameters(), 1e-2), meta_interval=2,
+        clean_loss_weight=clean_loss_weight, weight_normalisation="class_sum", reuse_virtual_gradient=True,
+    )
+    clean_calls = []
+    original = trainer._clean_loss
+    trainer._clean_loss = lambda: clean_calls.append(trainer.state.iteration) or original()
+    parameters = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: parameters.append(_flat(e.network)))
+    trainer.run()
+    assert clean_calls == ([2] if clean_loss_weight > 0 else [])  # iteration 1 had a meta step
+
+    # the first iteration by hand, from the same start
+    first, meta_first = next(iter(train_loader)), next(iter(meta_loader))
+    image, label = first["image"], first["label"]
+    network_before.train()
+    logits = network_before(image)
+    loss_map = voxel_cross_entropy(logits, label)
+    meta_input = meta_before.build_input(loss_map, logits, label, image)
+    result = compute_meta_gradient(
+        mode="jvp", network=network_before, loss_function=voxel_cross_entropy, batch=Batch(image, label),
+        loss_map=loss_map, meta_network=meta_before, meta_input=meta_input,
+        meta_batch=Batch(meta_first["image"], meta_first["label"]), virtual_lr=0.1, normalisation="class_sum",
+    )
+    step = [g + clean_loss_weight * v for g, v in zip(result.virtual_step_grads, result.meta_batch_grads, strict=True)]
+    expected = torch.nn.utils.parameters_to_vector(
+        [p.detach() - 0.1 * g for p, g in zip(network_before.parameters(), step, strict=True)]
+    )
+    assert torch.allclose(parameters[0], expected, atol=1e-6)

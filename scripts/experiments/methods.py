@@ -93,6 +93,7 @@ METHODS: dict[str, Method] = {
     # the cost levers of docs/performance.md, each one change from the default: fewer meta steps
     "mcpm_interval4": _mcpm("MCPM, a meta step every 4th iteration", meta_interval=4),
     "mcpm_interval8": _mcpm("MCPM, a meta step every 8th iteration", meta_interval=8),
+    "mcpm_reuse": _mcpm("MCPM, real step from the meta step's gradients", reuse_virtual_gradient=True),
 }
 
 

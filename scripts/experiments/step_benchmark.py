@@ -50,6 +50,9 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "mcpm meta_interval 8": {"meta_interval": 8},
     "mcpm meta batch 1": {"meta_batch_size": 1},
     "mcpm meta_interval 4, meta batch 1": {"meta_interval": 4, "meta_batch_size": 1},
+    "mcpm reuse": {"reuse_virtual_gradient": True},
+    "mcpm reuse, meta_interval 2": {"reuse_virtual_gradient": True, "meta_interval": 2},
+    "mcpm reuse, meta_interval 4": {"reuse_virtual_gradient": True, "meta_interval": 4},
     "mcpm virtual step on the last decoder stage": {"virtual_step_params": ["model.2"]},
     "mcpm as published": dict(PAPER_MCPM),
 }
