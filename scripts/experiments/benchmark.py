@@ -47,7 +47,16 @@ from monai.bundle import run as run_workflow
 from scripts.audit import detection_summary, load_trained, score_cases
 from scripts.cases import case_id
 from scripts.data.synthetic import DEFAULT_SPLITS, DEFAULT_VARIETY, generate_dataset
-from scripts.experiments.methods import BUNDLE_ROOT, CONFIGS, METHODS, Method, bundle_run, class_names, read_case_dice
+from scripts.experiments.methods import (
+    BUNDLE_ROOT,
+    CONFIGS,
+    METHODS,
+    Method,
+    bundle_run,
+    class_names,
+    read_case_dice,
+    run_folders,
+)
 from scripts.experiments.report import plot_dice_vs_noise, plot_weight_maps, write_report
 from scripts.lidc.phantom import generate_lidc_phantom
 from scripts.utils import DATALIST, nanmean, write_csv, write_json
@@ -183,10 +192,7 @@ def _updates_per_epoch(num_cases: int) -> int:
 def bundle_overrides(mode: Mode, setting_name: str, dataset_dir: Path, run_dir: Path) -> dict[str, Any]:
     """The config overrides every run of a setting gets: its data, output folders, size, schedule and extras."""
     return {
-        "bundle_root": str(BUNDLE_ROOT),
-        "dataset_dir": str(dataset_dir),
-        "ckpt_dir": str(run_dir / "models"),
-        "output_dir": str(run_dir),
+        **run_folders(dataset_dir, run_dir),
         "epochs": mode.epochs,
         "val_interval": mode.val_interval,
         "patch_size": list(setting_shape(mode, setting_name)),

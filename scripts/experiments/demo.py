@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from scripts.data.synthetic import generate_dataset
-from scripts.experiments.methods import BUNDLE_ROOT, METHODS, bundle_run, class_names, read_case_dice
+from scripts.experiments.methods import BUNDLE_ROOT, METHODS, bundle_run, class_names, read_case_dice, run_folders
 from scripts.utils import nanmean, write_text
 
 # the column name of each method this demo runs, and its name in scripts.experiments.methods.METHODS;
@@ -77,12 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     for method, name in DEMO_METHODS.items():
         configs = METHODS[name].configs
         out = (args.work_dir / method).resolve()
-        overrides = {
-            "bundle_root": BUNDLE_ROOT,
-            "dataset_dir": args.dataset_dir.resolve(),
-            "ckpt_dir": out / "models",
-            "output_dir": out,
-        }
+        overrides: dict[str, object] = run_folders(args.dataset_dir.resolve(), out)
         if args.epochs is not None:
             overrides["epochs"] = args.epochs
         print(f"\n=== training with {method} ({time.time() - start:.0f} s) ===", flush=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BUNDLE_ROOT", "CONFIGS", "METHODS", "Method", "bundle_run", "class_names", "read_case_dice"]
+__all__ = ["BUNDLE_ROOT", "CONFIGS", "METHODS", "Method", "bundle_run", "class_names", "read_case_dice", "run_folders"]
 
 # scripts/experiments/methods.py -> the bundle root, which holds configs/
 from scripts.cases import case_id
@@ -95,6 +95,17 @@ METHODS: dict[str, Method] = {
     "mcpm_interval8": _mcpm("MCPM, a meta step every 8th iteration", meta_interval=8),
     "mcpm_reuse": _mcpm("MCPM, real step from the meta step's gradients", reuse_virtual_gradient=True),
 }
+
+
+def run_folders(dataset_dir: Path, run_dir: Path) -> dict[str, str]:
+    """The overrides that point a run at the bundle, a dataset and its own folder: checkpoints in ``run_dir/models``,
+    logs, metrics and predictions in ``run_dir``."""
+    return {
+        "bundle_root": str(BUNDLE_ROOT),
+        "dataset_dir": str(dataset_dir),
+        "ckpt_dir": str(run_dir / "models"),
+        "output_dir": str(run_dir),
+    }
 
 
 def bundle_run(config_names: Sequence[str], log_path: Path | None = None, **overrides: object) -> None:

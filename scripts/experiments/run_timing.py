@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from scripts.data.synthetic import generate_dataset
-from scripts.experiments.methods import BUNDLE_ROOT, METHODS, bundle_run
+from scripts.experiments.methods import BUNDLE_ROOT, METHODS, bundle_run, run_folders
 from scripts.utils import DATALIST, write_text
 
 
@@ -28,14 +28,7 @@ def time_runs(
     for name in methods:
         method = METHODS[name]
         out = (work_dir / name).resolve()
-        options = {
-            "bundle_root": BUNDLE_ROOT,
-            "dataset_dir": dataset_dir.resolve(),
-            "ckpt_dir": out / "models",
-            "output_dir": out,
-            **method.overrides,
-            **(overrides or {}),
-        }
+        options = {**run_folders(dataset_dir.resolve(), out), **method.overrides, **(overrides or {})}
         out.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         bundle_run(method.configs, log_path=out / "train.log", overwrite=True, **options)
