@@ -71,6 +71,7 @@ MCPM_OPTIONS: dict[str, OptionCheck] = {
     "meta_batch_size": number(1, integer=True),
     "clean_loss_weight": number(0),
     "dice_loss_weight": number(0),
+    "clean_loss_interval": number(1, integer=True),
     "correction": one_of(CORRECTIONS),
     "teacher_decay": number(0, 1),
     "reuse_virtual_gradient": boolean,

@@ -115,6 +115,11 @@ class MetaReweightTrainer(SupervisedTrainer):
             plain training with DiceCE), and the clean term becomes λ (CE + μ Dice). The look-ahead of the meta step
             stays the weighted cross-entropy: the exact meta-gradient needs a loss that is a weighted sum over voxels,
             which Dice is not. 0 (the paper's): cross-entropy only.
+        clean_loss_interval: the clean term joins the real step every ``clean_loss_interval`` iterations (warm-up
+            included), weighted λ · ``clean_loss_interval`` so that its share of an epoch's updates stays λ. Equal to
+            ``meta_interval``, it falls on the iterations with a meta step, which with MCPM's
+            ``reuse_virtual_gradient`` have its gradient for free: every other iteration is then a plain one. 1 (the
+            default): every iteration.
 
     The options are checked as ``check_training_config`` checks the config's ``mcpm`` section, with the one
     definition in ``scripts/options.py``.
@@ -139,6 +144,7 @@ class MetaReweightTrainer(SupervisedTrainer):
         max_nonfinite_steps: int = 5,
         clean_loss_weight: float = 0.0,
         dice_loss_weight: float = 0.0,
+        clean_loss_interval: int = 1,
         prepare_batch: Callable = default_prepare_batch,
         train_handlers: Sequence | None = None,
         **kwargs: Any,
@@ -149,6 +155,7 @@ class MetaReweightTrainer(SupervisedTrainer):
             max_nonfinite_steps=max_nonfinite_steps,
             clean_loss_weight=clean_loss_weight,
             dice_loss_weight=dice_loss_weight,
+            clean_loss_interval=clean_loss_interval,
         )
         super().__init__(
             device=device,
@@ -167,6 +174,7 @@ class MetaReweightTrainer(SupervisedTrainer):
         self.max_nonfinite_steps = max_nonfinite_steps
         self.clean_loss_weight = float(clean_loss_weight)
         self.dice_loss_weight = float(dice_loss_weight)
+        self.clean_loss_interval = int(clean_loss_interval)
         self._consecutive_skips = 0
         self._meta_batches: Iterator | None = None
         # the meta batch of the current iteration, shared by its meta step and its clean loss term
@@ -256,6 +264,13 @@ class MetaReweightTrainer(SupervisedTrainer):
         """Whether this iteration runs a meta step: after warm-up, every ``meta_interval`` iterations."""
         return self.state.epoch > self.warmup_epochs and (self.state.iteration - 1) % self.meta_interval == 0
 
+    def clean_step_weight(self) -> float:
+        """The weight of the clean term in this iteration's real step: λ · ``clean_loss_interval`` every
+        ``clean_loss_interval`` iterations (in step with the meta steps when the intervals are equal), else 0."""
+        if self.clean_loss_weight == 0 or (self.state.iteration - 1) % self.clean_loss_interval != 0:
+            return 0.0
+        return self.clean_loss_weight * self.clean_loss_interval
+
     def _skip_step(self, buffers_before: list[torch.Tensor]) -> None:
         """Undo what a non-finite iteration changed, count it, and stop after too many in a row."""
         self.optimizer.zero_grad(set_to_none=True)
@@ -328,10 +343,11 @@ class MetaReweightTrainer(SupervisedTrainer):
             weights, loss, finite = engine._reweight(batch, pred, loss_map)
         if engine.dice_loss_weight > 0:
             loss = loss + engine.dice_loss_weight * weighted_soft_dice(pred, batch.label, weights)
-        if engine.clean_loss_weight > 0 and engine._reused_gradients is None:
+        clean_weight = engine.clean_step_weight()
+        if clean_weight > 0 and engine._reused_gradients is None:
             clean_loss = engine._clean_loss()
             engine.state.output["clean_loss"] = clean_loss.detach()
-            loss = loss + engine.clean_loss_weight * clean_loss
+            loss = loss + clean_weight * clean_loss
         engine.state.output.setdefault("meta_loss", torch.tensor(float("nan")))
         engine.state.output[Keys.LOSS] = loss
         engine.state.output[WEIGHT_KEY] = weights.unsqueeze(1)
@@ -573,10 +589,10 @@ class MCPMTrainer(MetaReweightTrainer):
         ``_iteration``), and the loss they are the gradient of (for the logs), with ``weights``, those they were
         taken with."""
         gradients = list(result.virtual_step_grads)
-        loss = 0.0
-        if self.clean_loss_weight > 0:
-            gradients = [g + self.clean_loss_weight * v for g, v in zip(gradients, result.meta_batch_grads, strict=True)]
-            loss = self.clean_loss_weight * result.meta_loss
+        loss, clean_weight = 0.0, self.clean_step_weight()
+        if clean_weight > 0:
+            gradients = [g + clean_weight * v for g, v in zip(gradients, result.meta_batch_grads, strict=True)]
+            loss = clean_weight * result.meta_loss
             self.state.output["clean_loss"] = result.meta_loss
         self._reused_gradients = gradients
         with torch.no_grad():

@@ -216,6 +216,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, options):
         ({"correction": "ema"}, "correction"),
         ({"teacher_decay": 1.5}, "teacher_decay"),
         ({"dice_loss_weight": -1.0}, "dice_loss_weight"),
+        ({"clean_loss_interval": 0}, "clean_loss_interval"),
         ({"reuse_virtual_gradient": "yes"}, "reuse_virtual_gradient must be true or false"),
         ({"reuse_virtual_gradient": True, "meta_gradient": "second_order"}, "set meta_gradient 'jvp'"),
         ({"reuse_virtual_gradient": True, "virtual_step_params": ["model.2"]}, "set virtual_step_params None"),
@@ -322,6 +323,32 @@ def test_clean_loss_joins_the_real_step():
     assert math.isclose(float(first["mixed"]["loss"]), float(first["plain"]["loss"]) + 2 * float(clean), rel_tol=1e-5)
     assert not torch.equal(outputs["mixed"]["seg"], outputs["plain"]["seg"])
     assert math.isfinite(mixed.state.metrics["clean_loss"])
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_clean_loss_interval_takes_the_clean_term_every_kth_iteration(reuse):
+    """With ``clean_loss_interval`` k the clean term joins the real step on iterations 1, 1 + k, ... only (warm-up
+    included), weighted k λ; with ``meta_interval`` k and ``reuse_virtual_gradient`` those are the meta steps, which
+    have its gradient already, so no iteration draws a clean batch of its own."""
+    trainer = make_trainer(
+        max_epochs=3, num_train=8, warmup_epochs=1, meta_interval=2, clean_loss_weight=0.5, clean_loss_interval=2,
+        weight_normalisation="class_sum", reuse_virtual_gradient=reuse,
+    )
+    clean_calls = []
+    original = trainer._clean_loss
+    trainer._clean_loss = lambda: clean_calls.append(trainer.state.iteration) or original()
+    seen: list[dict] = []
+    trainer.add_event_handler(
+        IterationEvents.LOSS_COMPLETED,
+        lambda e: seen.append({"iteration": e.state.iteration, "clean": e.state.output.get("clean_loss")}),
+    )
+    trainer.run()
+    with_clean = [s["iteration"] for s in seen if s["clean"] is not None]
+    assert with_clean == [1, 3, 5, 7, 9, 11]  # 4 iterations an epoch, the first epoch warm-up
+    assert clean_calls == ([1, 3] if reuse else with_clean)  # after warm-up the meta steps have it
+    assert trainer.clean_step_weight() == 0.0  # iteration 12 has no clean term
+    trainer.state.iteration = 11
+    assert trainer.clean_step_weight() == 1.0  # k λ
 
 
 def test_teacher_correction_mixes_targets_and_follows_the_network():

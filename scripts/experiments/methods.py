@@ -94,6 +94,15 @@ METHODS: dict[str, Method] = {
     "mcpm_interval4": _mcpm("MCPM, a meta step every 4th iteration", meta_interval=4),
     "mcpm_interval8": _mcpm("MCPM, a meta step every 8th iteration", meta_interval=8),
     "mcpm_reuse": _mcpm("MCPM, real step from the meta step's gradients", reuse_virtual_gradient=True),
+    # reuse with a meta step and the clean term every k-th iteration: the other iterations are plain ones
+    "mcpm_every2": _mcpm(
+        "MCPM reuse, meta step and clean term every 2nd iteration",
+        reuse_virtual_gradient=True, meta_interval=2, clean_loss_interval=2,
+    ),
+    "mcpm_every4": _mcpm(
+        "MCPM reuse, meta step and clean term every 4th iteration",
+        reuse_virtual_gradient=True, meta_interval=4, clean_loss_interval=4,
+    ),
 }
 
 

@@ -53,6 +53,8 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "mcpm reuse": {"reuse_virtual_gradient": True},
     "mcpm reuse, meta_interval 2": {"reuse_virtual_gradient": True, "meta_interval": 2},
     "mcpm reuse, meta_interval 4": {"reuse_virtual_gradient": True, "meta_interval": 4},
+    "mcpm reuse, meta and clean every 2nd": {"reuse_virtual_gradient": True, "meta_interval": 2, "clean_loss_interval": 2},
+    "mcpm reuse, meta and clean every 4th": {"reuse_virtual_gradient": True, "meta_interval": 4, "clean_loss_interval": 4},
     "mcpm virtual step on the last decoder stage": {"virtual_step_params": ["model.2"]},
     "mcpm as published": dict(PAPER_MCPM),
 }
