@@ -6,8 +6,11 @@ known, :py:func:`detection_summary` measures that ranking (voxel AUROC, mean wei
 voxels).
 
 The networks, preprocessing and inferer are built from the bundle's own configs, so the scores are those of the
-model the bundle trained, on the grid its training saw. The command writes a weight map per case, a CSV that ranks
-the cases by how much of their labelled structures the meta network distrusts, and a figure of the worst cases::
+model the bundle trained; the maps are then taken back to each image's own grid and affine (MONAI's ``Invertd``
+through the preprocessing), so that a viewer overlays them on the image. The command writes a weight map per case,
+a CSV that ranks the cases by how much of their labelled structures the meta network distrusts, with the most
+suspect region of each and the two simple rankings beside it (mean loss, and 1 − Dice of the label against the
+prediction), and a figure of the worst cases::
 
     python -m scripts.audit --dataset_dir data/default --ckpt_dir models --out_dir runs/audit
 """
@@ -24,7 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
-from monai.data import load_decathlon_datalist
+from monai.data import MetaTensor, load_decathlon_datalist
+from monai.transforms import Invertd
 from scipy import ndimage
 from scipy.stats import rankdata
 from torch import nn
@@ -35,6 +39,7 @@ from scripts.meta_net import MetaMaskNet
 from scripts.utils import figure, save_figure, write_csv, write_json, write_nifti
 
 __all__ = [
+    "RANKINGS",
     "CaseScore",
     "TrainedModels",
     "auroc",
@@ -43,12 +48,17 @@ __all__ = [
     "load_trained",
     "ranking_quality",
     "score_cases",
+    "suspect_region",
 ]
+
+# the case scores a ranking can sort by: the meta network's (``score``) and the two a user could take instead
+RANKINGS = ("score", "mean_loss", "dice_disagreement")
 
 
 @dataclass
 class CaseScore:
-    """The maps of one case, channel dimension removed, on the grid of the bundle's preprocessing."""
+    """The maps of one case, channel dimension removed, on the grid of the bundle's preprocessing, or on the image's
+    own grid (``score_cases(..., on_image_grid=True)``); ``affine`` is that grid's."""
 
     name: str
     image: np.ndarray
@@ -104,38 +114,79 @@ def load_trained(
 
 
 @torch.no_grad()
-def score_cases(models: TrainedModels, split: str = "training") -> Iterator[CaseScore]:
+def score_cases(
+    models: TrainedModels, split: str = "training", datalist: str | Path | None = None, on_image_grid: bool = False
+) -> Iterator[CaseScore]:
     """
     Yield the loss map, and the weight map where a meta network is loaded, of every case of a datalist split.
 
     The loss is the per-voxel cross-entropy of the network's prediction (sliding-window inference with the
     validation inferer) against the case's label as listed, i.e. the possibly corrupted training label.
+
+    Args:
+        models: the trained networks and their parsed config.
+        split: the datalist split to score.
+        datalist: a datalist JSON other than the config's (MONAI Label's scoring writes one of the submitted labels).
+        on_image_grid: take every map back to the image's own grid and affine (MONAI's ``Invertd`` through the
+            validation preprocessing, which pads to the patch size), for a viewer to overlay; else the maps stay on
+            the padded grid the network saw.
     """
     parser = models.parser
     device = parser.get_parsed_content("device")
     dataset_dir = parser.get_parsed_content("dataset_dir")
     preprocessing = parser.get_parsed_content("validate#preprocessing")
     inferer = parser.get_parsed_content("validate#inferer")
-    for entry in load_decathlon_datalist(parser.get_parsed_content("datalist"), True, split, base_dir=dataset_dir):
+    datalist = datalist or parser.get_parsed_content("datalist")
+    for entry in load_decathlon_datalist(datalist, True, split, base_dir=dataset_dir):
         data = preprocessing(entry)
         image = torch.as_tensor(data["image"])[None].to(device)
         label = torch.as_tensor(data["label"])[None].to(device)
         logits = inferer(image, models.network)
         loss = voxel_cross_entropy(logits, label)
-        weight = None
+        maps = {"image": image[0], "label": label[0], "prediction": logits[0].argmax(0, keepdim=True), "loss": loss}
         if models.meta_network is not None:
-            weight = models.meta_network(models.meta_network.build_input(loss, logits, label, image))[0].cpu().numpy()
-        mask = data.get("corruption_mask")
+            maps["weight"] = models.meta_network(models.meta_network.build_input(loss, logits, label, image))
+        if "corruption_mask" in data:
+            maps["corruption_mask"] = torch.as_tensor(data["corruption_mask"]).to(device)
+        affine = np.asarray(data["image"].affine)
+        if on_image_grid:
+            maps, affine = _to_image_grid(maps, data["label"], preprocessing)
+        arrays = {key: value[0].cpu().numpy() for key, value in maps.items()}
         yield CaseScore(
             name=case_id(entry["label"]),
-            image=image[0, 0].cpu().numpy(),
-            label=label[0, 0].cpu().numpy(),
-            prediction=logits[0].argmax(0).cpu().numpy(),
-            loss=loss[0].cpu().numpy(),
-            weight=weight,
-            corruption_mask=None if mask is None else np.asarray(torch.as_tensor(mask)[0].cpu()) > 0,
-            affine=np.asarray(data["image"].affine),
+            image=arrays["image"],
+            label=arrays["label"],
+            prediction=arrays["prediction"],
+            loss=arrays["loss"],
+            weight=arrays.get("weight"),
+            corruption_mask=arrays["corruption_mask"] > 0 if "corruption_mask" in arrays else None,
+            affine=affine,
         )
+
+
+# maps that hold classes: inverted with nearest-neighbour interpolation
+_DISCRETE_MAPS = ("label", "prediction", "corruption_mask")
+
+
+def _to_image_grid(
+    maps: Mapping[str, torch.Tensor], reference: MetaTensor, preprocessing: Any
+) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+    """``maps`` (each (1, *spatial) on the preprocessed grid) on the grid of the loaded image, by inverting the
+    spatial transforms ``preprocessing`` applied to ``reference``, the preprocessed label, which records them (under
+    its own key, ``label``: the inverse runs the transforms of that key); returns them with that grid's affine."""
+    keys = [f"map_{key}" for key in maps]
+    data = {"label": reference}
+    for key, value in zip(keys, maps.values(), strict=True):
+        data[key] = MetaTensor(value.detach().cpu(), meta=reference.meta)
+    invert = Invertd(
+        keys=keys,
+        transform=preprocessing,
+        orig_keys="label",
+        nearest_interp=[key in _DISCRETE_MAPS for key in maps],
+    )
+    inverted = invert(data)
+    result = {key: torch.as_tensor(inverted[k]) for key, k in zip(maps, keys, strict=True)}
+    return result, np.asarray(inverted[keys[0]].affine)
 
 
 def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
@@ -190,7 +241,11 @@ def case_ranking(cases: Sequence[CaseScore], low_weight: float = 0.5, band: int 
     near its structures, so the score counts low-weight voxels in the *neighbourhood* of the structures (the
     labelled and the predicted foreground, dilated by ``band`` voxels: a structure the label misses entirely is
     still covered) and divides by its size; far background does not dilute it. Also reported: the
-    share of low-weight voxels inside the label, and on its boundary (voxels within one voxel of a class change).
+    share of low-weight voxels inside the label, and on its boundary (voxels within one voxel of a class change);
+    where the most suspect region lies (:py:func:`suspect_region`: ``region_min``, ``region_max``, its voxel
+    bounds, and ``region_centre``, its centre in the affine's world coordinates); and the two simple case scores a
+    user could rank by instead, ``mean_loss`` and ``dice_disagreement`` (1 − the mean Dice, over the foreground
+    classes, of the label against the network's prediction).
     Where a corruption mask is known, the row adds the truth: ``corrupted`` and ``changed_fraction``.
 
     Returns:
@@ -217,6 +272,8 @@ def case_ranking(cases: Sequence[CaseScore], low_weight: float = 0.5, band: int 
             "low_weight_boundary": _share(low, boundary),
             "mean_weight": float(case.weight.mean()),
             "mean_loss": float(case.loss.mean()),
+            "dice_disagreement": 1.0 - _mean_dice(case.label, case.prediction),
+            **suspect_region(low & neighbourhood, case.affine),
         }
         if case.corruption_mask is not None:
             row["corrupted"] = bool(case.corruption_mask.any())
@@ -228,6 +285,35 @@ def case_ranking(cases: Sequence[CaseScore], low_weight: float = 0.5, band: int 
     return rows
 
 
+def suspect_region(suspect: np.ndarray, affine: np.ndarray) -> dict[str, list[float] | list[int] | int]:
+    """The largest connected component (26-connected) of the ``suspect`` voxels: its voxel bounds ``region_min``
+    and ``region_max`` (inclusive), ``region_centre``, the centre of its bounds in world coordinates (``affine``
+    applied), and ``region_voxels``, its size; empty lists and 0 when no voxel is suspect."""
+    components, count = ndimage.label(suspect, structure=np.ones((3,) * suspect.ndim))
+    if count == 0:
+        return {"region_min": [], "region_max": [], "region_centre": [], "region_voxels": 0}
+    sizes = np.bincount(components.ravel())[1:]
+    largest = np.argwhere(components == int(np.argmax(sizes)) + 1)
+    low, high = largest.min(axis=0), largest.max(axis=0)
+    centre = affine @ np.append((low + high) / 2.0, 1.0)
+    return {
+        "region_min": low.tolist(),
+        "region_max": high.tolist(),
+        "region_centre": [round(float(c), 3) for c in centre[: suspect.ndim]],
+        "region_voxels": int(sizes.max()),
+    }
+
+
+def _mean_dice(label: np.ndarray, prediction: np.ndarray) -> float:
+    """The mean Dice over the foreground classes present in the label or the prediction; 1 when neither has any."""
+    classes = [c for c in np.union1d(np.unique(label), np.unique(prediction)) if c > 0]
+    if not classes:
+        return 1.0
+    overlap = [2.0 * ((label == c) & (prediction == c)).sum() for c in classes]
+    dice = [o / ((label == c).sum() + (prediction == c).sum()) for o, c in zip(overlap, classes, strict=True)]
+    return float(np.mean(dice))
+
+
 def _share(selected: np.ndarray, region: np.ndarray) -> float:
     """Share of ``region`` voxels that are ``selected``; NaN for an empty region."""
     size = int(region.sum())
@@ -236,21 +322,28 @@ def _share(selected: np.ndarray, region: np.ndarray) -> float:
 
 def ranking_quality(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """How well the ranking finds the truly corrupted cases (rows with ``corrupted``): case AUROC and precision
-    at k.
+    at k of the meta network's ``score``, and the case AUROC of each simple score the rows hold
+    (``case_auroc_mean_loss``, ``case_auroc_dice_disagreement``), so that the docs can say which ranks best.
 
     ``precision_at_k`` takes k = the number of truly corrupted cases: the share of them among the k most suspect.
     """
     known = [r for r in rows if "corrupted" in r]
     corrupted = np.array([r["corrupted"] for r in known], dtype=bool)
+    others = [name for name in RANKINGS[1:] if known and all(name in r for r in known)]
     if not known or corrupted.all() or not corrupted.any():
-        return {"case_auroc": float("nan"), "precision_at_k": float("nan"), "k": int(corrupted.sum())}
+        nan = float("nan")
+        undefined = {"case_auroc": nan, "precision_at_k": nan, "k": int(corrupted.sum())}
+        return {**undefined, **{f"case_auroc_{name}": nan for name in others}}
     k = int(corrupted.sum())
     top = sorted(known, key=lambda r: r["rank"])[:k]
-    return {
+    quality = {
         "case_auroc": auroc(np.array([r["score"] for r in known]), corrupted),
         "precision_at_k": sum(r["corrupted"] for r in top) / k,
         "k": k,
     }
+    for name in others:
+        quality[f"case_auroc_{name}"] = auroc(np.array([r[name] for r in known]), corrupted)
+    return quality
 
 
 def plot_overview(cases: Sequence[CaseScore], rows: Sequence[Mapping[str, Any]], path: Path, top_k: int = 4) -> None:
@@ -284,13 +377,14 @@ def run_audit(
     low_weight: float = 0.5,
     top_k: int = 4,
 ) -> dict[str, Any]:
-    """Score every case of ``split`` and write ``weights/<case>_weight.nii.gz``, ``ranking.csv``, ``overview.png``
-    and ``summary.json`` (voxel and case-level detection quality where corruption masks are known) to ``out_dir``.
+    """Score every case of ``split`` and write ``weights/<case>_weight.nii.gz`` (on the image's own grid and affine),
+    ``ranking.csv``, ``overview.png`` and ``summary.json`` (voxel and case-level detection quality where corruption
+    masks are known, with the case AUROC of the simple rankings beside the meta network's) to ``out_dir``.
 
     The files are written atomically (:py:mod:`scripts.utils`), so an interrupted audit leaves no half-written one.
     """
     models = load_trained(config_files, overrides)
-    cases = list(score_cases(models, split))
+    cases = list(score_cases(models, split, on_image_grid=True))
     if not cases:
         datalist = models.parser.get_parsed_content("datalist")
         raise ValueError(f"the datalist {datalist} has no {split!r} cases to audit.")

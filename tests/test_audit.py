@@ -16,7 +16,7 @@ from monai.metrics import compute_roc_auc
 
 from scripts.audit import CaseScore, auroc, case_ranking, detection_summary
 from scripts.audit import main as audit_main
-from scripts.audit import ranking_quality
+from scripts.audit import ranking_quality, suspect_region
 from scripts.data.corruption import morph_per_class
 from scripts.data.synthetic import generate_dataset
 from tests.conftest import BUNDLE_ROOT, CONFIGS
@@ -98,17 +98,40 @@ def test_case_ranking_puts_the_distrusted_label_first():
     assert rows[0]["low_weight_inside"] == pytest.approx(0.5)
     assert rows[1]["score"] == 0.0
     assert rows[0]["corrupted"] and not rows[1]["corrupted"]
-    assert ranking_quality(rows) == {"case_auroc": 1.0, "precision_at_k": 1.0, "k": 1}
+    # the distrusted half of the cube is the suspect region; the clean case has none near its structure
+    assert rows[0]["region_min"] == [2, 2, 2] and rows[0]["region_max"] == [5, 5, 3] and rows[0]["region_voxels"] == 32
+    assert rows[0]["region_centre"] == [3.5, 3.5, 2.5] and rows[1]["region_voxels"] == 0
+    # label and prediction agree and the loss is 0 everywhere: the simple scores cannot tell the cases apart
+    assert all(r["dice_disagreement"] == 0.0 and r["mean_loss"] == 0.0 for r in rows)
+    assert ranking_quality(rows) == {
+        "case_auroc": 1.0, "precision_at_k": 1.0, "k": 1, "case_auroc_mean_loss": 0.5,
+        "case_auroc_dice_disagreement": 0.5,
+    }  # fmt: skip
     with pytest.raises(ValueError, match="meta network"):
         case_ranking([_case("a", np.zeros(4), None, None)])
 
 
+def test_suspect_region_is_the_largest_component_in_world_coordinates():
+    suspect = np.zeros((10, 10, 10), dtype=bool)
+    suspect[1, 1, 1] = True  # a lone voxel
+    suspect[4:7, 5:9, 2:4] = True  # the largest component
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    affine[:3, 3] = [-10.0, 0.0, 5.0]
+    region = suspect_region(suspect, affine)
+    assert region == {
+        "region_min": [4, 5, 2], "region_max": [6, 8, 3], "region_centre": [0.0, 13.0, 12.5], "region_voxels": 24
+    }  # fmt: skip
+    assert suspect_region(np.zeros((3, 3, 3), dtype=bool), affine)["region_voxels"] == 0
+
+
 def test_audit_of_the_shipped_model_ranks_a_deliberately_corrupted_label_first(tmp_path):
-    """The shipped MCPM model and meta network, on fresh cases, one with its label dilated by 3 voxels."""
+    """The shipped MCPM model and meta network, on fresh cases, one with its label dilated by 3 voxels; the cases are
+    smaller than the 48³ patch, so the weight maps are padded for the network and must come back on their own grid."""
     dataset_dir = tmp_path / "data"
     datalist_path = generate_dataset(
-        dataset_dir, seed=11, num_training=5, num_meta=1, num_validation=1, num_test=0, corrupt_fraction=0.0
-    )
+        dataset_dir, seed=11, num_training=5, num_meta=1, num_validation=1, num_test=0, corrupt_fraction=0.0,
+        shape=(40, 44, 36),
+    )  # fmt: skip
     entry = json.loads(datalist_path.read_text())["training"][2]
     label_file = nib.load(dataset_dir / entry["label"])
     label = np.asarray(label_file.dataobj)
@@ -129,6 +152,8 @@ def test_audit_of_the_shipped_model_ranks_a_deliberately_corrupted_label_first(t
     assert ranking[0]["case"] == corrupted_case and len(ranking) == 5
     assert summary["precision_at_k"] == 1.0 and summary["k"] == 1
     assert summary["auroc_weight"] > 0.5
+    assert {"case_auroc_mean_loss", "case_auroc_dice_disagreement"} <= set(summary)
+    assert json.loads(ranking[0]["region_min"]) and json.loads(ranking[0]["region_voxels"]) > 0
     weight = nib.load(out_dir / "weights" / f"{corrupted_case}_weight.nii.gz")
     assert weight.shape == label.shape and np.allclose(weight.affine, label_file.affine)
     assert matplotlib.image.imread(out_dir / "overview.png").ndim == 3
