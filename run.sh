@@ -3,6 +3,7 @@
 #   bash run.sh main [options of scripts/experiments/demo.py]   # default data, MCPM vs plain, DiceCE and clean labels, Dice table and times
 #   bash run.sh test [pytest options]               # lint (python -m tools.lint), then the test suite on every core (what CI runs)
 #   bash run.sh benchmark [options of scripts/experiments/benchmark.py]  # MCPM against every baseline over noise settings and seeds
+#   bash run.sh serve --studies DIR [--port N]    # MONAI Label app of the bundle (label review loop), offline on 127.0.0.1
 # .venv (requirements.txt) runs everything; `test` also builds .venv-monailabel (requirements-monailabel.txt), the
 # MONAI Label server that tests/test_monailabel.py starts (docs/monailabel.md says why it is a venv of its own).
 set -euo pipefail
@@ -33,10 +34,13 @@ shift || true
 case "$command" in
     main) exec "$venv/bin/python" -m scripts.experiments.demo "$@" ;;
     benchmark) exec "$venv/bin/python" -m scripts.experiments.benchmark "$@" ;;
+    serve)
+        setup_venv .venv-monailabel requirements-monailabel.txt
+        exec .venv-monailabel/bin/python -m tools.serve "$@" ;;
     test)
         setup_venv .venv-monailabel requirements-monailabel.txt
         "$venv/bin/python" -m tools.lint
         # one worker per core, each test file on one worker (its module fixtures are built once); `-n 0` runs serially
         exec "$venv/bin/python" -m pytest tests -n auto --dist loadfile "$@" ;;
-    *) echo "usage: bash run.sh main|test|benchmark [options]" >&2; exit 2 ;;
+    *) echo "usage: bash run.sh main|test|benchmark|serve [options]" >&2; exit 2 ;;
 esac

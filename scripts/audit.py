@@ -88,7 +88,10 @@ def _load_state(path: Path, key: str, device: torch.device) -> dict[str, torch.T
 
 
 def load_trained(
-    config_files: Sequence[str | Path], overrides: Mapping[str, Any] | None = None, with_meta_network: bool = True
+    config_files: Sequence[str | Path],
+    overrides: Mapping[str, Any] | None = None,
+    with_meta_network: bool = True,
+    meta_network_path: str | Path | None = None,
 ) -> TrainedModels:
     """
     Parse the bundle configs with ``overrides`` and load ``model.pt`` (and ``meta_network.pt``) from ``ckpt_dir``.
@@ -97,6 +100,8 @@ def load_trained(
         config_files: the configs the model was trained with, e.g. ``[configs/train.json]``.
         overrides: the same overrides as in training (``dataset_dir``, ``ckpt_dir``, ``patch_size``, ...).
         with_meta_network: also load the meta mask network; False for methods that train none.
+        meta_network_path: the meta network's file, where it is not ``ckpt_dir/meta_network.pt`` (the MONAI Label
+            app keeps it in ``models/meta/``, out of the files it offers as segmentation models).
     """
     parser = ConfigParser()
     parser.read_config([str(f) for f in config_files])
@@ -108,7 +113,8 @@ def load_trained(
     meta_network = None
     if with_meta_network:
         meta_network = parser.get_parsed_content("meta_network")
-        meta_network.load_state_dict(_load_state(ckpt_dir / "meta_network.pt", "meta_network", device))
+        path = Path(meta_network_path) if meta_network_path else ckpt_dir / "meta_network.pt"
+        meta_network.load_state_dict(_load_state(path, "meta_network", device))
         meta_network.eval()
     return TrainedModels(parser, network.eval(), meta_network)
 

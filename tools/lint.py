@@ -17,7 +17,7 @@ from pathlib import Path
 from scripts.utils import json_text, write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PYTHON_PATHS = ("scripts", "tests", "tools")
+PYTHON_PATHS = ("scripts", "tests", "tools", "monailabel_app")
 JSON_GLOBS = ("configs/*.json",)
 
 

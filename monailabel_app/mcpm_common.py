@@ -1,0 +1,60 @@
+"""What the app's tasks share: the model's name, the label tags and image-info keys they read and write, the
+reviewer's approval as MONAILabelReviewer stores it, and a context that makes the bundle's ``scripts`` importable."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from monailabel.interfaces.datastore import Datastore
+from monailabel.utils.others.class_utils import unload_module
+
+MODEL = "mcpm_segmentation"  # the bundle's folder in model/, the name the server gives it
+FINAL = "final"  # the tag of submitted labels, the only ones training reads
+WEIGHT_TAG = "mcpm_weight"  # the tag under which scoring stores each case's weight map, for a viewer to overlay
+SUSPICION = "mcpm_suspicion"  # the image-info key of a case's scores, written by scoring, read by the strategy
+# MONAILabelReviewer's label info: {"segmentationMeta": {"status": "approved" | "flagged" | "", "approvedBy",
+# "level", "comment", "editTime"}} (plugins/slicer/MONAILabelReviewer, SegmentationMeta.getMeta)
+REVIEW_KEY = "segmentationMeta"
+APPROVED = "approved"
+FLAGGED = "flagged"
+
+
+def review_status(datastore: Datastore, image_id: str) -> str:
+    """The reviewer's status of an image's ``final`` label: ``"approved"``, ``"flagged"`` or ``""`` (not reviewed)."""
+    info: Any = datastore.get_label_info(image_id, FINAL) or {}
+    meta = info.get(REVIEW_KEY)
+    return str(meta.get("status", "")) if isinstance(meta, dict) else ""
+
+
+def labelled_images(datastore: Datastore) -> list[str]:
+    """The ids of the images with a submitted (``final``) label, sorted."""
+    return sorted(i for i in datastore.list_images() if datastore.get_label_by_image_id(i, FINAL))
+
+
+def orphan_labels(datastore: Datastore) -> list[str]:
+    """The submitted label files whose image is gone from the datastore (the datastore drops such an image, with its
+    label's info and approval, when it notices the file missing); only a local datastore can tell."""
+    local = getattr(datastore, "_datastore", None)
+    if local is None or not hasattr(local, "label_path"):
+        return []
+    folder = Path(local.label_path(FINAL))
+    images = set(datastore.list_images())
+    files = sorted(folder.iterdir()) if folder.is_dir() else []
+    return [str(f) for f in files if f.is_file() and f.name.split(".")[0] not in images]
+
+
+@contextlib.contextmanager
+def bundle_on_path(bundle_path: str) -> Iterator[None]:
+    """The bundle's own ``scripts`` importable inside the block, as MONAI Label's bundle tasks make it (the bundle
+    first on ``sys.path``, any other ``scripts`` unloaded before and after)."""
+    sys.path.insert(0, bundle_path)
+    unload_module("scripts")
+    try:
+        yield
+    finally:
+        sys.path.remove(bundle_path)
+        unload_module("scripts")
