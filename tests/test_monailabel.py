@@ -1,5 +1,7 @@
-"""MONAI Label 0.8.5 serving the bundle: a real `monailabel start_server` with its monaibundle app, offline, on
-127.0.0.1, segments a NIfTI volume and runs one MCPM training round on labels submitted to its datastore.
+"""MONAI Label 0.8.5 serving the bundle through its own app (monailabel_app/), started by the one command
+`bash run.sh serve`, offline on 127.0.0.1: inference, suspicion scoring of submitted labels with the shipped networks,
+the review strategy that returns the deliberately dilated labels first, training rounds whose meta set is the
+approved labels, and the errors of bad rounds.
 
 MONAI Label needs torch 2.14.1 with torchvision (requirements-monailabel.txt), so it lives in .venv-monailabel, which
 `bash run.sh test` builds; this test drives it through a subprocess and HTTP. MCPM_SKIP_MONAILABEL=1 skips it, for
@@ -18,6 +20,7 @@ import socket
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -27,8 +30,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from monai.bundle import ConfigParser
 
+from scripts.data.corruption import morph_per_class
 from scripts.data.synthetic import generate_dataset
 from tests.conftest import BUNDLE_ROOT
 
@@ -36,11 +39,11 @@ VENV_PYTHON = BUNDLE_ROOT / ".venv-monailabel" / "bin" / "python"
 # not the venv's `monailabel` script: that runs whichever `python` is first on PATH, with the venv's parent folder (here
 # the bundle root) put on PYTHONPATH
 MONAILABEL = [VENV_PYTHON, "-m", "monailabel.main"]
-MODEL = "mcpm_segmentation"  # the monaibundle app takes the task type from the folder name
-BUNDLE_FILES = ("LICENSE", "configs", "scripts", "models/model.pt")
-# Test-only additions to the MONAI Label training config: patches as large as the 32^3 volumes, and meta steps from
-# the first (only) epoch on.
+MODEL = "mcpm_segmentation"  # the app's bundle folder; MONAI Label takes the task type from the name
+# Test-only values of the app's training config (`bash run.sh serve --override`): patches as large as the 32^3
+# volumes, and meta steps from the first (only) epoch on.
 TINY = {"patch_size": [32, 32, 32], "mcpm#warmup_epochs": 0}
+DILATED = 2  # training labels dilated by 3 voxels: the suspect ones
 START_TIMEOUT_S = 120
 TRAIN_TIMEOUT_S = 180
 HTTP_TIMEOUT_S = 60
@@ -57,10 +60,12 @@ class Server:
     url: str
     bundle: Path  # the bundle copy inside the app, which training rewrites
     log: Path
+    studies: Path
     images: dict[str, Path]  # datastore image id -> original file
     labels: dict[str, Path]  # id -> label file of the cases that get one
-    meta_case: str
-    test_case: str
+    dilated: list[str]  # ids of the labels dilated on purpose
+    meta_case: str  # a clean label, approved as trusted
+    test_case: str  # an image without a label
 
     def call(self, method: str, path: str, data: bytes | None = None, content_type: str = "application/json") -> bytes:
         """One HTTP request; fails with the server's answer and log tail on an error status."""
@@ -110,25 +115,6 @@ def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def install_bundle(model_dir: Path) -> Path:
-    """Copy the bundle into a monaibundle app's model folder as docs/monailabel.md does, with the MONAI Label
-    training override merged into its train.json (the only training config MONAI Label reads)."""
-    target = model_dir / MODEL
-    for name in BUNDLE_FILES:
-        source, copy = BUNDLE_ROOT / name, target / name
-        copy.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, copy, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source, copy)
-    configs = [BUNDLE_ROOT / "configs" / name for name in ("train.json", "train_monailabel.json")]
-    parser = ConfigParser(ConfigParser.load_config_files(configs))
-    for key, value in TINY.items():
-        parser[key] = value
-    ConfigParser.export_config_file(parser.get(), target / "configs" / "train.json", indent=4)
-    return target
-
-
 def _wait_until_up(server: Server, process: subprocess.Popen) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -164,30 +150,42 @@ def server(tmp_path_factory) -> Iterator[Server]:
         )
     tmp = tmp_path_factory.mktemp("monailabel")
     data = tmp / "data"
-    generate_dataset(data, seed=5, num_training=3, num_meta=1, num_validation=1, num_test=1, shape=(32, 32, 32))
+    generate_dataset(
+        data, seed=5, num_training=5, num_meta=1, num_validation=1, num_test=1, shape=(32, 32, 32), corrupt_fraction=0.0
+    )
     datalist = json.loads((data / "datalist.json").read_text())
     studies = tmp / "studies"
     studies.mkdir()
     cases = {split: {_case_id(e["image"]): e for e in datalist[split]} for split in ("training", "meta", "validation", "test")}
     images = {case: data / e["image"] for split in cases.values() for case, e in split.items()}
     labels = {case: data / e["label"] for split in ("training", "meta", "validation") for case, e in cases[split].items()}
+    dilated = sorted(cases["training"])[:DILATED]
+    for case in dilated:
+        original = nib.load(labels[case])
+        label = morph_per_class(np.asarray(original.dataobj), "dilate", 3).astype(np.uint8)
+        labels[case] = tmp / f"{case}_dilated.nii.gz"
+        nib.save(nib.Nifti1Image(label, original.affine), labels[case])
     for image in images.values():
         shutil.copy(image, studies)
 
-    app = tmp / "apps" / "monaibundle"
-    download = [*MONAILABEL, "apps", "--download", "--name", "monaibundle", "--output", app.parent]
-    subprocess.run(download, check=True, capture_output=True, timeout=120)
-    bundle = install_bundle(app / "model")
-
     port = _free_port()
     log = tmp / "server.log"
+    overrides = [item for key, value in TINY.items() for item in ("--override", f"{key}={json.dumps(value)}")]
     command = [
-        *MONAILABEL, "start_server", "--app", app, "--studies", studies, "--host", "127.0.0.1", "--port", str(port),
-        "--conf", "models", MODEL, "--conf", "zoo_source", "github", "--conf", "sam2", "false",
+        "bash", BUNDLE_ROOT / "run.sh", "serve", "--studies", studies, "--port", str(port), "--app_dir", tmp / "app",
+        *overrides,
     ]  # fmt: skip
+    # scoring only when a test asks: by default MONAI Label also starts it in the background after every round and
+    # every "next sample", which would race with the checks
+    env = {**os.environ, "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
     with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True)
-    result = Server(f"http://127.0.0.1:{port}", bundle, log, images, labels, next(iter(cases["meta"])), next(iter(cases["test"])))
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True, env=env
+        )
+    result = Server(
+        f"http://127.0.0.1:{port}", tmp / "app" / "model" / MODEL, log, studies, images, labels, dilated,
+        next(iter(cases["meta"])), next(iter(cases["test"])),
+    )  # fmt: skip
     try:
         _wait_until_up(result, process)
         yield result
@@ -212,11 +210,11 @@ def test_inference_segments_a_volume(server, tmp_path):
     assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
 
 
-def _train(server: Server, meta_cases: str) -> tuple[dict, str]:
+def _train(server: Server, **options: object) -> tuple[dict, str]:
     """Run one training epoch through the REST API and wait for it to end; return the task's status and the
     server log written meanwhile."""
     start = server.log.stat().st_size
-    request = {"max_epochs": 1, "val_split": 0.2, "multi_gpu": False, "meta_cases": meta_cases}
+    request = {"max_epochs": 1, "val_split": 0.2, "multi_gpu": False, **options}
     server.json("POST", f"/train/{MODEL}", request)
     deadline = time.monotonic() + TRAIN_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -228,32 +226,122 @@ def _train(server: Server, meta_cases: str) -> tuple[dict, str]:
     pytest.fail(f"training did not finish within {TRAIN_TIMEOUT_S} s:\n{server.log_tail()}")
 
 
+def _submit(server: Server, case: str, label: Path) -> None:
+    body, content_type = _multipart("label", label)
+    server.call("PUT", f"/datastore/label?image={case}&tag=final", body, content_type)
+
+
+def _review(server: Server, case: str, status: str) -> None:
+    """Store a reviewer's verdict on a case's final label as MONAILabelReviewer does (all five keys)."""
+    meta = {"status": status, "approvedBy": "tester", "level": "", "comment": "", "editTime": int(time.time())}
+    form = urllib.parse.urlencode({"info": json.dumps({"segmentationMeta": meta})}).encode()
+    server.call("PUT", f"/datastore/label/info?label={case}&tag=final", form, "application/x-www-form-urlencoded")
+
+
+def _next_sample(server: Server) -> str | None:
+    return server.json("POST", "/activelearning/mcpm_suspect", {"client_id": "tester"}).get("id")
+
+
 @pytest.fixture(scope="module")
 def labelled(server) -> Server:
     """The server after an annotator submitted final labels for every case but the test case."""
     for case, label in server.labels.items():
-        body, content_type = _multipart("label", label)
-        server.call("PUT", f"/datastore/label?image={case}&tag=final", body, content_type)
+        _submit(server, case, label)
     datastore = server.json("GET", "/datastore/?output=all")
     assert sorted(case for case, obj in datastore["objects"].items() if "final" in obj["labels"]) == sorted(server.labels)
     return server
 
 
-def test_training_round_on_submitted_labels_updates_the_model(labelled):
+def test_a_round_without_an_approved_label_explains_that_mcpm_needs_one(labelled):
+    task, log = _train(labelled)
+    assert task["status"] == "ERROR"
+    assert "no approved label among the 7 submitted: MCPM needs at least one trusted label" in log
+    task, log = _train(labelled, meta_cases=labelled.test_case)  # an image without a label
+    assert task["status"] == "ERROR" and f"meta_cases {[labelled.test_case]} name no image" in log
+
+
+def test_scoring_ranks_the_dilated_labels_first_and_the_strategy_walks_them(labelled):
+    """With the shipped networks (no round has run yet): every submitted label gets a suspicion score and region,
+    and a weight map on its image's grid; "next sample" returns the dilated labels first, then moves on as they are
+    reviewed, and never returns an approved one."""
+    result = labelled.json("POST", "/scoring/mcpm_suspicion?run_sync=true", {})
+    assert result["scored"] == len(labelled.labels)
+    assert sorted(result["ranking"][:DILATED]) == labelled.dilated
+    objects = labelled.json("GET", "/datastore/?output=all")["objects"]
+    for case in labelled.labels:
+        suspicion = objects[case]["image"]["info"]["mcpm_suspicion"]
+        assert 0 <= suspicion["score"] <= 1 and suspicion["region"]["voxels"] > 0
+        assert len(suspicion["region"]["min"]) == 3 and len(suspicion["region"]["centre"]) == 3
+    weight_file = labelled.bundle.parent.parent / "weight.nii.gz"
+    weight_file.write_bytes(labelled.call("GET", f"/datastore/label?label={labelled.dilated[0]}&tag=mcpm_weight"))
+    weight, image = nib.load(weight_file), nib.load(labelled.images[labelled.dilated[0]])
+    assert weight.shape == image.shape and np.allclose(weight.affine, image.affine, atol=1e-4)
+    assert labelled.json("POST", "/scoring/mcpm_suspicion?run_sync=true", {}) == {
+        "scored": 0, "unchanged": len(labelled.labels)
+    }  # fmt: skip
+
+    _review(labelled, labelled.meta_case, "approved")
+    first = _next_sample(labelled)
+    assert first in labelled.dilated
+    _review(labelled, first, "flagged")
+    second = _next_sample(labelled)
+    assert second in labelled.dilated and second != first
+    _submit(labelled, first, labelled.labels[first])  # a resubmitted label is unreviewed again
+
+
+def test_a_label_with_wrong_values_is_named_before_training(labelled, tmp_path):
+    case = sorted(set(labelled.labels) - set(labelled.dilated) - {labelled.meta_case})[0]
+    original = nib.load(labelled.labels[case])
+    label = np.asarray(original.dataobj).copy()
+    label[0, 0, 0] = 7
+    bad = tmp_path / f"{case}.nii.gz"
+    nib.save(nib.Nifti1Image(label, original.affine), bad)
+    _submit(labelled, case, bad)
+    task, log = _train(labelled)
+    _submit(labelled, case, labelled.labels[case])
+    assert task["status"] == "ERROR"
+    assert re.search(rf"label \S*labels/final/{case}.nii.gz values \[7\] outside 0..2", log), log[-3000:]
+
+
+def test_a_round_without_validation_cases_fails_instead_of_writing_no_model(labelled):
+    task, log = _train(labelled, val_split=0.0)
+    assert task["status"] == "ERROR"
+    assert "this round has 6 training and 0 validation cases" in log
+
+
+def test_a_round_trains_with_the_approved_labels_as_meta_set_and_keeps_the_meta_network(labelled):
     model = labelled.bundle / "models" / "model.pt"
-    shipped = _md5(model)
+    meta_network = labelled.bundle / "models" / "meta" / "meta_network.pt"
+    before = {path: _md5(path) for path in (model, meta_network)}
     labelled.infer(labelled.test_case)  # the served network is now cached
-    task, log = _train(labelled, meta_cases=labelled.meta_case)
+    task, log = _train(labelled)
     assert task["status"] == "DONE", log[-5000:]
-    assert re.search(r"Metrics -- .*\bmeta_loss: \d", log), "no meta step ran on the named meta case"
-    assert _md5(model) != shipped, "training did not rewrite models/model.pt"
-    assert [p.name for p in model.parent.iterdir()] == ["model.pt"], "checkpoints belong in checkpoints/"
+    assert re.search(r"Metrics -- .*\bmeta_loss: \d", log), "no meta step ran"
+    rounds = json.loads((labelled.bundle / "checkpoints" / "monailabel_datalist.json").read_text())
+    assert [_case_id(e["image"]) for e in rounds["meta"]] == [labelled.meta_case]
+    assert labelled.meta_case not in {_case_id(e["image"]) for e in rounds["training"] + rounds["validation"]}
+    assert f"the meta network starts from {meta_network}" in log
+    assert all(_md5(path) != digest for path, digest in before.items()), "the round kept an old network"
+    assert sorted(p.name for p in model.parent.glob("*.pt")) == ["model.pt"], "checkpoints belong in checkpoints/"
     start = labelled.log.stat().st_size
     labelled.infer(labelled.test_case)
     assert "Reload model" in labelled.log_since(start), "inference did not pick up the new model.pt"
+    # the networks changed, so the scores are stale: scoring runs again, with this round's networks
+    assert labelled.json("POST", "/scoring/mcpm_suspicion?run_sync=true", {})["scored"] == len(labelled.labels)
+    assert f"scored {len(labelled.labels)} labels with {model} and {meta_network}" in labelled.log_tail()
 
 
-def test_training_fails_when_no_labelled_case_is_named_meta(labelled):
-    task, log = _train(labelled, meta_cases=labelled.test_case)  # an image without a label
+def test_an_approved_label_whose_image_is_missing_is_named(labelled, tmp_path):
+    image = labelled.studies / labelled.images[labelled.meta_case].name
+    moved = tmp_path / image.name
+    shutil.move(image, moved)
+    try:
+        deadline = time.monotonic() + 30  # the datastore notices the removal through its file watcher
+        while labelled.meta_case in labelled.json("GET", "/datastore/?output=all")["objects"]:
+            assert time.monotonic() < deadline, "the datastore kept an image whose file is gone"
+            time.sleep(1)
+        task, log = _train(labelled)
+    finally:
+        shutil.move(moved, image)
     assert task["status"] == "ERROR"
-    assert "num_samples=0" in log  # the empty meta loader (docs/monailabel.md)
+    assert f"submitted labels without their image: {[str(labelled.studies / 'labels' / 'final' / image.name)]}" in log
