@@ -47,7 +47,7 @@ class MCPMReviewApp(MONAILabelApp):
         return {MODEL: MCPMTrainTask(self.bundle_dir, self.conf)}
 
     def init_strategies(self) -> dict[str, Strategy]:
-        return {"mcpm_suspect": MostSuspectLabel(self.conf.get("mcpm_ranking", "score")), "random": Random()}
+        return {"mcpm_suspect": MostSuspectLabel(self.conf.get("mcpm_ranking", "mean_loss")), "random": Random()}
 
     def init_scoring_methods(self) -> dict[str, ScoringMethod]:
         return {"mcpm_suspicion": LabelSuspicion(self.bundle_dir)}

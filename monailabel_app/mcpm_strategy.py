@@ -15,11 +15,12 @@ RANKINGS = ("score", "mean_loss", "dice_disagreement")
 
 class MostSuspectLabel(Strategy):
     """``/activelearning/mcpm_suspect``: of the images whose submitted label no reviewer has approved or flagged, the
-    one with the highest suspicion (``mcpm_suspicion`` scoring; the request's ``ranking`` picks which score, the meta
-    network's ``score`` by default); labels not scored yet come last, in id order. Nothing when every label is
+    one with the highest suspicion (``mcpm_suspicion`` scoring; the request's ``ranking`` picks which score: by
+    default the mean loss, which ranked the corrupted labels of the default data better than the meta network's
+    ``score``, docs/monailabel.md); labels not scored yet come last, in id order. Nothing when every label is
     reviewed, so the viewers' "Next sample" walks reviewers through the worst labels first."""
 
-    def __init__(self, ranking: str = "score") -> None:
+    def __init__(self, ranking: str = "mean_loss") -> None:
         super().__init__("MCPM review: the most suspect submitted label not yet reviewed")
         if ranking not in RANKINGS:
             raise ValueError(f"ranking must be one of {RANKINGS}, got {ranking!r}.")
