@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from mcpm_common import APPROVED, FLAGGED, SUSPICION, labelled_images, review_status
+from mcpm_common import APPROVED, FLAGGED, SUSPICION, file_state, review_status, submitted
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
@@ -31,13 +31,16 @@ class MostSuspectLabel(Strategy):
         if ranking not in RANKINGS:
             raise ValueError(f"ranking must be one of {RANKINGS}, got {ranking!r}.")
         candidates = []
-        for image_id in labelled_images(datastore):
+        for image_id, entry in submitted(datastore).items():
             if review_status(datastore, image_id) in (APPROVED, FLAGGED):
                 continue
-            score = datastore.get_image_info(image_id).get(SUSPICION, {}).get(ranking)
+            record = datastore.get_image_info(image_id).get(SUSPICION, {})
+            # a score of another version of the label (resubmitted since) does not count
+            current = record.get("label_mtime") == file_state(entry["label"])
+            score = record.get(ranking) if current else None
             candidates.append((-math.inf if score is None else float(score), image_id))
         if not candidates:
             return {}
         # highest score first; among equal scores (or none yet), the first id
         score, image_id = min(candidates, key=lambda c: (-c[0], c[1]))
-        return {"id": image_id, SUSPICION: None if math.isinf(score) else score, "ranking": ranking}
+        return {"id": image_id, "suspicion": None if math.isinf(score) else score, "ranking": ranking}

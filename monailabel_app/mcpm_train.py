@@ -2,9 +2,10 @@
 
 ``MCPMTrainTask`` is MONAI Label's ``BundleTrainTask`` with four changes:
 
-- the submitted labels a reviewer approved (MONAILabelReviewer's ``segmentationMeta.status`` ``"approved"``), and
-  those named in the ``meta_cases`` option, are the round's meta set; the other submitted labels train as possibly
-  noisy. A round without an approved or named label stops with an error: MCPM learns its weights from them.
+- the submitted labels a reviewer approved (MONAILabelReviewer's ``segmentationMeta.status`` ``"approved"`` on the
+  ``final`` label), and those named in the ``meta_cases`` option, are the round's meta set; flagged labels are left
+  out; the other submitted labels train as possibly noisy. A round without an approved or named label stops with
+  an error: MCPM learns its weights from them.
 - the round's datalist (training, meta and validation cases) is written to ``checkpoints/monailabel_datalist.json``
   and checked by the bundle's own datalist check before training (missing or unreadable files, label values,
   shapes), so bad input fails with the file named;
@@ -23,25 +24,18 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from mcpm_common import APPROVED, orphan_labels, review_status
+from mcpm_common import APPROVED, FLAGGED, META_NETWORK, orphan_labels, review_status, submitted
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.bundle import BundleTrainTask
 
 logger = logging.getLogger(__name__)
 
-META_NETWORK = Path("models") / "meta" / "meta_network.pt"  # relative to the bundle
 DATALIST = Path("checkpoints") / "monailabel_datalist.json"
 APPROVE_HINT = (
     "approve a label in MONAILabelReviewer, or with PUT /datastore/label/info?label=<image id>&tag=final and the form "
     'field info={"segmentationMeta": {"status": "approved", "approvedBy": "<name>", "level": "", "comment": "", '
     '"editTime": 0}} (docs/monailabel.md)'
 )
-
-
-def _image_id(entry: dict[str, str]) -> str:
-    """The datastore id of a datalist entry: its label's file name without the extension."""
-    name = Path(entry["label"]).name
-    return name.removesuffix(".nii.gz") if name.endswith(".nii.gz") else Path(name).stem
 
 
 class MCPMTrainTask(BundleTrainTask):
@@ -52,28 +46,32 @@ class MCPMTrainTask(BundleTrainTask):
         self._round: dict[str, list[dict[str, str]]] = {}
 
     def _fetch_datalist(self, request: dict[str, Any], datastore: Datastore) -> list[dict[str, str]]:
-        """The submitted labels to train on as noisy; the approved and named ones are kept as the meta set."""
+        """The submitted labels to train on as noisy; the approved and named ones are kept as the meta set, and
+        flagged ones (a reviewer found them wrong) are left out until they are submitted again."""
         orphans = orphan_labels(datastore)
         if orphans:
             raise FileNotFoundError(
                 f"submitted labels without their image: {orphans}; the datastore has dropped those images (and any "
                 "approval of their labels): put the image files back in the studies folder, or delete the labels."
             )
-        entries = super()._fetch_datalist(request, datastore)
+        entries = submitted(datastore)
+        if not entries:
+            raise ValueError("no submitted (final) labels: submit labels, and approve a few you trust, before training.")
         named = {i.strip() for i in str(request.get("meta_cases", "")).split(",") if i.strip()}
-        approved = {_image_id(e) for e in entries if review_status(datastore, _image_id(e)) == APPROVED}
-        unknown = sorted(named - {_image_id(e) for e in entries})
+        unknown = sorted(named - set(entries))
         if unknown:
             raise ValueError(f"meta_cases {unknown} name no image with a submitted (final) label.")
-        meta = [e for e in entries if _image_id(e) in approved | named]
-        if not meta:
+        status = {i: review_status(datastore, i) for i in entries}
+        meta_ids = sorted(i for i in entries if status[i] == APPROVED or i in named)
+        if not meta_ids:
             raise ValueError(
                 f"no approved label among the {len(entries)} submitted: MCPM needs at least one trusted label as its "
                 f"meta set, to learn which voxels of the others to trust; {APPROVE_HINT}."
             )
-        self._round = {"meta": meta}
-        logger.info(f"meta set of this round (approved or named labels): {sorted(_image_id(e) for e in meta)}")
-        return [e for e in entries if _image_id(e) not in approved | named]
+        flagged = sorted(i for i in entries if status[i] == FLAGGED and i not in meta_ids)
+        self._round = {"meta": [entries[i] for i in meta_ids]}
+        logger.info(f"meta set of this round (approved or named labels): {meta_ids}; left out as flagged: {flagged}")
+        return [entry for i, entry in entries.items() if i not in meta_ids and i not in flagged]
 
     def _partition_datalist(
         self, datalist: list[dict[str, str]], request: dict[str, Any], shuffle: bool = False

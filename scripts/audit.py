@@ -273,7 +273,8 @@ def case_ranking(cases: Sequence[CaseScore], low_weight: float = 0.5, band: int 
         boundary = ndimage.grey_dilation(case.label, size=3) != ndimage.grey_erosion(case.label, size=3)
         row: dict[str, Any] = {
             "case": case.name,
-            "score": _share(low, neighbourhood),
+            # no structure in the label or the prediction: nothing near one to distrust
+            "score": _share(low, neighbourhood) if neighbourhood.any() else 0.0,
             "low_weight_inside": _share(low, foreground),
             "low_weight_boundary": _share(low, boundary),
             "mean_weight": float(case.weight.mean()),

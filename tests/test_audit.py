@@ -109,6 +109,11 @@ def test_case_ranking_puts_the_distrusted_label_first():
     }  # fmt: skip
     with pytest.raises(ValueError, match="meta network"):
         case_ranking([_case("a", np.zeros(4), None, None)])
+    # a case with no structure in its label or prediction has nothing to distrust: score 0, not NaN
+    empty = _case("empty", np.zeros(label.shape), np.full(label.shape, 0.01), None)
+    ranked = case_ranking([empty, *cases])
+    assert ranked[0]["case"] == "suspect" and all(math.isfinite(r["score"]) for r in ranked)
+    assert next(r for r in ranked if r["case"] == "empty")["score"] == 0.0
 
 
 def test_suspect_region_is_the_largest_component_in_world_coordinates():

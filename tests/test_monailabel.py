@@ -150,8 +150,9 @@ def server(tmp_path_factory) -> Iterator[Server]:
         )
     tmp = tmp_path_factory.mktemp("monailabel")
     data = tmp / "data"
+    # smaller than the 32^3 patch along two axes, so that the maps are padded for the network and must come back
     generate_dataset(
-        data, seed=5, num_training=5, num_meta=1, num_validation=1, num_test=1, shape=(32, 32, 32), corrupt_fraction=0.0
+        data, seed=5, num_training=5, num_meta=1, num_validation=1, num_test=1, shape=(28, 32, 30), corrupt_fraction=0.0
     )
     datalist = json.loads((data / "datalist.json").read_text())
     studies = tmp / "studies"
@@ -260,36 +261,54 @@ def test_a_round_without_an_approved_label_explains_that_mcpm_needs_one(labelled
     assert task["status"] == "ERROR" and f"meta_cases {[labelled.test_case]} name no image" in log
 
 
-def test_scoring_ranks_the_dilated_labels_first_and_the_strategy_walks_them(labelled):
-    """With the shipped networks (no round has run yet): every submitted label gets a suspicion score and region,
-    and a weight map on its image's grid; "next sample" returns the dilated labels first, then moves on as they are
-    reviewed, and never returns an approved one."""
-    result = labelled.json("POST", "/scoring/mcpm_suspicion?run_sync=true", {})
-    assert result["scored"] == len(labelled.labels)
-    assert sorted(result["ranking"][:DILATED]) == labelled.dilated
-    objects = labelled.json("GET", "/datastore/?output=all")["objects"]
-    for case in labelled.labels:
-        suspicion = objects[case]["image"]["info"]["mcpm_suspicion"]
+@pytest.fixture(scope="module")
+def approved(labelled) -> Server:
+    """The server after a reviewer approved one clean label, the meta case."""
+    _review(labelled, labelled.meta_case, "approved")
+    return labelled
+
+
+def _suspicion(server: Server) -> dict[str, dict]:
+    objects = server.json("GET", "/datastore/?output=all")["objects"]
+    return {case: objects[case]["image"]["info"].get("mcpm_suspicion", {}) for case in server.labels}
+
+
+def test_scoring_ranks_the_dilated_labels_first_and_the_strategy_walks_them(approved):
+    """With the shipped networks (no round has run yet): every submitted label gets a suspicion score, a region and
+    a weight map on its image's grid; "next sample" returns the dilated labels first, skips a label once reviewed or
+    approved, ignores the score of a label resubmitted since, and returns nothing when every label is reviewed."""
+    result = approved.json("POST", "/scoring/mcpm_suspicion?run_sync=true", {})
+    assert result["scored"] == len(approved.labels) and result["errors"] == {}
+    assert sorted(result["ranking"][:DILATED]) == approved.dilated
+    for case, suspicion in _suspicion(approved).items():
         assert 0 <= suspicion["score"] <= 1 and suspicion["region"]["voxels"] > 0
         assert len(suspicion["region"]["min"]) == 3 and len(suspicion["region"]["centre"]) == 3
-    weight_file = labelled.bundle.parent.parent / "weight.nii.gz"
-    weight_file.write_bytes(labelled.call("GET", f"/datastore/label?label={labelled.dilated[0]}&tag=mcpm_weight"))
-    weight, image = nib.load(weight_file), nib.load(labelled.images[labelled.dilated[0]])
-    assert weight.shape == image.shape and np.allclose(weight.affine, image.affine, atol=1e-4)
-    assert labelled.json("POST", "/scoring/mcpm_suspicion?run_sync=true", {}) == {
-        "scored": 0, "unchanged": len(labelled.labels)
+        weight, image = nib.load(suspicion["weight_map"]), nib.load(approved.images[case])
+        assert weight.shape == image.shape and np.allclose(weight.affine, image.affine, atol=1e-4)
+    assert approved.json("POST", "/scoring/mcpm_suspicion?run_sync=true", {}) == {
+        "scored": 0, "unchanged": len(approved.labels)
     }  # fmt: skip
 
-    _review(labelled, labelled.meta_case, "approved")
-    first = _next_sample(labelled)
-    assert first in labelled.dilated
-    _review(labelled, first, "flagged")
-    second = _next_sample(labelled)
-    assert second in labelled.dilated and second != first
-    _submit(labelled, first, labelled.labels[first])  # a resubmitted label is unreviewed again
+    first = _next_sample(approved)
+    assert first in approved.dilated
+    _review(approved, first, "flagged")
+    second = _next_sample(approved)
+    assert second in approved.dilated and second != first
+    _submit(approved, first, approved.labels[first])  # resubmitted: unreviewed again, its score is of the old file
+    assert _next_sample(approved) == second
+    returned = []
+    while (sample := _next_sample(approved)) is not None:
+        assert sample not in returned and len(returned) < len(approved.labels)
+        returned.append(sample)
+        _review(approved, sample, "flagged")
+    assert returned[0] == second and first in returned and approved.meta_case not in returned
+    assert sorted(returned) == sorted(set(approved.labels) - {approved.meta_case})
+    for case in returned:  # unreviewed again, for the rounds below
+        _submit(approved, case, approved.labels[case])
 
 
-def test_a_label_with_wrong_values_is_named_before_training(labelled, tmp_path):
+def test_a_label_with_wrong_values_is_named_before_training_and_not_scored(approved, tmp_path):
+    labelled = approved
     case = sorted(set(labelled.labels) - set(labelled.dilated) - {labelled.meta_case})[0]
     original = nib.load(labelled.labels[case])
     label = np.asarray(original.dataobj).copy()
@@ -298,18 +317,23 @@ def test_a_label_with_wrong_values_is_named_before_training(labelled, tmp_path):
     nib.save(nib.Nifti1Image(label, original.affine), bad)
     _submit(labelled, case, bad)
     task, log = _train(labelled)
+    result = labelled.json("POST", "/scoring/mcpm_suspicion?run_sync=true", {})
     _submit(labelled, case, labelled.labels[case])
     assert task["status"] == "ERROR"
     assert re.search(rf"label \S*labels/final/{case}.nii.gz values \[7\] outside 0..2", log), log[-3000:]
+    assert list(result["errors"]) == [case] and "values [7] outside 0..2" in result["errors"][case]
+    assert result["scored"] == len(labelled.labels) - 1
 
 
-def test_a_round_without_validation_cases_fails_instead_of_writing_no_model(labelled):
+def test_a_round_without_validation_cases_fails_instead_of_writing_no_model(approved):
+    labelled = approved
     task, log = _train(labelled, val_split=0.0)
     assert task["status"] == "ERROR"
     assert "this round has 6 training and 0 validation cases" in log
 
 
-def test_a_round_trains_with_the_approved_labels_as_meta_set_and_keeps_the_meta_network(labelled):
+def test_a_round_trains_with_the_approved_labels_as_meta_set_and_keeps_the_meta_network(approved):
+    labelled = approved
     model = labelled.bundle / "models" / "model.pt"
     meta_network = labelled.bundle / "models" / "meta" / "meta_network.pt"
     before = {path: _md5(path) for path in (model, meta_network)}
@@ -328,10 +352,13 @@ def test_a_round_trains_with_the_approved_labels_as_meta_set_and_keeps_the_meta_
     assert "Reload model" in labelled.log_since(start), "inference did not pick up the new model.pt"
     # the networks changed, so the scores are stale: scoring runs again, with this round's networks
     assert labelled.json("POST", "/scoring/mcpm_suspicion?run_sync=true", {})["scored"] == len(labelled.labels)
-    assert f"scored {len(labelled.labels)} labels with {model} and {meta_network}" in labelled.log_tail()
+    assert f"scored {len(labelled.labels)} of {len(labelled.labels)} labels with the networks of {model.parent}" in (
+        labelled.log_tail()
+    )
 
 
-def test_an_approved_label_whose_image_is_missing_is_named(labelled, tmp_path):
+def test_an_approved_label_whose_image_is_missing_is_named(approved, tmp_path):
+    labelled = approved
     image = labelled.studies / labelled.images[labelled.meta_case].name
     moved = tmp_path / image.name
     shutil.move(image, moved)

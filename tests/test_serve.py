@@ -14,11 +14,11 @@ from tools import serve
 
 def test_prepares_the_app_and_keeps_trained_weights(tmp_path):
     app = tmp_path / "app"
-    bundle = serve.prepare_app(app, overrides={"epochs": 3})
+    bundle = serve.prepare_app(app, overrides={"mcpm#warmup_epochs": 0})
     assert sorted(p.name for p in app.glob("*.py")) == sorted(p.name for p in serve.APP_SOURCE.glob("*.py"))
     assert (bundle / "scripts" / "trainer.py").is_file() and not list(bundle.rglob("__pycache__"))
     config = json.loads((bundle / "configs" / "train.json").read_text())
-    assert config["epochs"] == 3 and config["ckpt_dir"] == "$@bundle_root + '/checkpoints'"  # the override merged
+    assert config["mcpm"]["warmup_epochs"] == 0 and config["ckpt_dir"] == "$@bundle_root + '/checkpoints'"  # the override merged
     assert (bundle / "models" / "model.pt").read_bytes() == (BUNDLE_ROOT / "models" / "model.pt").read_bytes()
     shipped_meta = (BUNDLE_ROOT / "models" / "meta_network.pt").read_bytes()
     assert (bundle / "models" / "meta" / "meta_network.pt").read_bytes() == shipped_meta
@@ -28,17 +28,22 @@ def test_prepares_the_app_and_keeps_trained_weights(tmp_path):
     (bundle / "models" / "model.pt").write_bytes(b"trained")
     (bundle / "models" / "meta" / "meta_network.pt").write_bytes(b"trained meta")
     (bundle / "scripts" / "stale.py").write_text("")
-    serve.prepare_app(app, overrides={"epochs": 5})
-    assert json.loads((bundle / "configs" / "train.json").read_text())["epochs"] == 5
+    serve.prepare_app(app, overrides={"mcpm#warmup_epochs": 1})
+    assert json.loads((bundle / "configs" / "train.json").read_text())["mcpm"]["warmup_epochs"] == 1
     assert not (bundle / "scripts" / "stale.py").exists()
     assert (bundle / "models" / "model.pt").read_bytes() == b"trained"
     assert (bundle / "models" / "meta" / "meta_network.pt").read_bytes() == b"trained meta"
+    # a wrong key fails before anything in the app changes
+    with pytest.raises(KeyError, match="mcpm#warmup_epoch"):
+        serve.prepare_app(app, overrides={"mcpm#warmup_epoch": 0})
+    assert json.loads((bundle / "configs" / "train.json").read_text())["mcpm"]["warmup_epochs"] == 1
 
 
 def test_the_server_command_is_offline_on_localhost(tmp_path):
-    command = serve.server_command(tmp_path / "app", tmp_path / "studies", "127.0.0.1", 8123)
+    command = serve.server_command(tmp_path / "app", tmp_path / "studies", "127.0.0.1", 8123, [["mcpm_ranking", "score"]])
     assert command[1:5] == ["-m", "monailabel.main", "start_server", "--app"]
-    assert command[command.index("--host") + 1] == "127.0.0.1" and command[-1] == "8123"
+    assert command[command.index("--host") + 1] == "127.0.0.1" and command[command.index("--port") + 1] == "8123"
+    assert command[-3:] == ["--conf", "mcpm_ranking", "score"]
 
 
 @pytest.mark.parametrize(

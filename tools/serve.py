@@ -36,6 +36,12 @@ def prepare_app(app_dir: Path, bundle_root: Path = REPO_ROOT, overrides: dict[st
     ``#``-separated) set in its training config; returns the bundle copy."""
     from monai.bundle import ConfigParser
 
+    # the merged config first, so that a wrong key fails before anything in the app changes
+    merged = ConfigParser(ConfigParser.load_config_files([str(bundle_root / c) for c in TRAIN_CONFIGS]))
+    for key, value in (overrides or {}).items():
+        if key not in merged:
+            raise KeyError(f"--override {key}: the training config has no such key.")
+        merged[key] = value
     app_dir.mkdir(parents=True, exist_ok=True)
     for module in sorted(APP_SOURCE.glob("*.py")):
         shutil.copyfile(module, app_dir / module.name)
@@ -48,11 +54,6 @@ def prepare_app(app_dir: Path, bundle_root: Path = REPO_ROOT, overrides: dict[st
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
-    merged = ConfigParser(ConfigParser.load_config_files([str(bundle_root / c) for c in TRAIN_CONFIGS]))
-    for key, value in (overrides or {}).items():
-        if key not in merged:
-            raise KeyError(f"--override {key}: the training config has no such key.")
-        merged[key] = value
     ConfigParser.export_config_file(merged.get(), str(bundle / "configs" / "train.json"), indent=4)
     for shipped, kept in WEIGHTS.items():
         target = bundle / kept
@@ -62,16 +63,20 @@ def prepare_app(app_dir: Path, bundle_root: Path = REPO_ROOT, overrides: dict[st
     return bundle
 
 
-def server_command(app_dir: Path, studies: Path, host: str, port: int) -> list[str]:
+def server_command(
+    app_dir: Path, studies: Path, host: str, port: int, conf: Sequence[Sequence[str]] = ()
+) -> list[str]:
     """``monailabel start_server`` with this interpreter (not the ``monailabel`` script, which runs whichever
-    ``python`` is first on ``PATH``)."""
+    ``python`` is first on ``PATH``), and the app's ``--conf KEY VALUE`` settings."""
+    confs = [item for key, value in conf for item in ("--conf", key, value)]
     return [
         sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir), "--studies", str(studies),
-        "--host", host, "--port", str(port),
+        "--host", host, "--port", str(port), *confs,
     ]  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: check the arguments, prepare the app, then replace this process with the server."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--studies", type=Path, required=True, help="folder of the images (<id>.nii.gz, ...)")
     parser.add_argument("--port", type=int, default=8000)
@@ -79,7 +84,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--app_dir", type=Path, default=REPO_ROOT / "apps" / "mcpm_review")
     parser.add_argument(
         "--override", action="append", default=[], metavar="KEY=VALUE",
-        help="a value of the app's training config, VALUE as JSON, e.g. epochs=20 or patch_size=[32,32,32]; repeatable",
+        help="a value of the app's training config, VALUE as JSON, e.g. mcpm#warmup_epochs=0 or patch_size=[32,32,32]; "
+        "repeatable (a round's epochs are the training request's max_epochs)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+        help="a setting of the app, passed to the server, e.g. --conf mcpm_ranking score; repeatable",
     )  # fmt: skip
     parser.add_argument("--prepare_only", action="store_true", help="prepare the app, do not start the server")
     args = parser.parse_args(argv)
@@ -102,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(str(error.args[0]))
     print(f"app ready: {args.app_dir} (bundle {bundle})", flush=True)
     if not args.prepare_only:
-        command = server_command(args.app_dir.absolute(), args.studies.absolute(), args.host, args.port)
+        command = server_command(args.app_dir.absolute(), args.studies.absolute(), args.host, args.port, args.conf)
         os.execv(sys.executable, command)
 
 
