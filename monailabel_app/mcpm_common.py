@@ -34,17 +34,11 @@ def review_status(datastore: Datastore, image_id: str) -> str:
     return str(meta.get("status", "")) if isinstance(meta, dict) else ""
 
 
-def labelled_images(datastore: Datastore) -> list[str]:
-    """The ids of the images with a submitted (``final``) label, sorted."""
-    return sorted(i for i in datastore.list_images() if datastore.get_label_by_image_id(i, FINAL))
-
-
 def submitted(datastore: Datastore) -> dict[str, dict[str, str]]:
-    """Each image with a submitted label, by id: its image and label files, as a datalist entry."""
-    return {
-        i: {"image": datastore.get_image_uri(i), "label": datastore.get_label_uri(i, FINAL)}
-        for i in labelled_images(datastore)
-    }
+    """Each image with a submitted (``final``) label, by id in sorted order: its image and label files, as a datalist
+    entry."""
+    labelled = sorted(i for i in datastore.list_images() if datastore.get_label_by_image_id(i, FINAL))
+    return {i: {"image": datastore.get_image_uri(i), "label": datastore.get_label_uri(i, FINAL)} for i in labelled}
 
 
 def file_state(path: str | Path) -> str:

@@ -36,7 +36,7 @@ from torch import nn
 from scripts.cases import case_id
 from scripts.losses import voxel_cross_entropy
 from scripts.meta_net import MetaMaskNet
-from scripts.utils import figure, save_figure, write_csv, write_json, write_nifti
+from scripts.utils import dice, figure, save_figure, write_csv, write_json, write_nifti
 
 __all__ = [
     "RANKINGS",
@@ -314,11 +314,7 @@ def suspect_region(suspect: np.ndarray, affine: np.ndarray) -> dict[str, list[fl
 def _mean_dice(label: np.ndarray, prediction: np.ndarray) -> float:
     """The mean Dice over the foreground classes present in the label or the prediction; 1 when neither has any."""
     classes = [c for c in np.union1d(np.unique(label), np.unique(prediction)) if c > 0]
-    if not classes:
-        return 1.0
-    overlap = [2.0 * ((label == c) & (prediction == c)).sum() for c in classes]
-    dice = [o / ((label == c).sum() + (prediction == c).sum()) for o, c in zip(overlap, classes, strict=True)]
-    return float(np.mean(dice))
+    return float(np.mean([dice(label == c, prediction == c) for c in classes])) if classes else 1.0
 
 
 def _share(selected: np.ndarray, region: np.ndarray) -> float:
