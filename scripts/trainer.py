@@ -191,10 +191,29 @@ class MetaReweightTrainer(SupervisedTrainer):
         the meta step was finite."""
         raise NotImplementedError
 
+    def run(self) -> None:  # type: ignore[override]
+        """Train as ``SupervisedTrainer.run`` does, then close the meta loader's iterator however the run ends.
+
+        The meta set is cycled, so its iterator is left part-way at the end; a ``ThreadDataLoader``'s buffer thread
+        would then still be preparing a batch while the interpreter shuts down, which can abort the process
+        ("terminate called without an active exception", seen on a torchrun rank). Closing it joins that thread.
+        """
+        try:
+            super().run()
+        finally:
+            self._close_meta_batches()
+
+    def _close_meta_batches(self) -> None:
+        if hasattr(self._meta_batches, "close"):
+            self._meta_batches.close()
+        self._meta_batches = None
+        self._iteration_meta_batch = None
+
     def _start_epoch(self, engine: MetaReweightTrainer) -> None:
         sampler = getattr(self.meta_data_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.state.epoch)
+        self._close_meta_batches()
         self._meta_batches = iter(self.meta_data_loader)
         self._stat_sums = {name: [0.0, 0] for name in EPOCH_STATS}
         self.state.metrics["skipped_steps"] = 0

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 
 import pytest
 import torch
 from ignite.engine import Events
-from monai.data import DataLoader
+from monai.data import DataLoader, ThreadDataLoader
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.handlers import CheckpointLoader
@@ -241,6 +242,23 @@ def test_empty_meta_loader_is_reported():
     trainer.meta_data_loader = []
     with pytest.raises(Exception, match="meta data loader is empty"):
         trainer.run()
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_meta_loader_thread_is_joined_when_the_run_ends(fail):
+    """The cycled meta set's iterator is left part-way; a ``ThreadDataLoader`` buffer thread still running at
+    interpreter exit can abort a torchrun rank, so the run closes it, on success and on error alike."""
+    trainer = make_trainer(max_epochs=2, warmup_epochs=0)
+    trainer.meta_data_loader = ThreadDataLoader(_cases(8, seed=2), batch_size=1, shuffle=False)
+    before = set(threading.enumerate())
+    if fail:
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), lambda _: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            trainer.run()
+    else:
+        trainer.run()
+    assert trainer.state.iteration == (3 if fail else 4)
+    assert [t for t in threading.enumerate() if t not in before and t.is_alive()] == []
 
 
 def _nan_batch_trainer(nan_cases: set[int], **kwargs) -> MCPMTrainer:
