@@ -210,22 +210,36 @@ def test_report_checks_the_bundles_targets(tmp_path):
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_every_method_configures(name):
-    """Every method's config stack parses, and every value it sets is a key of that stack."""
+    """Every method's config stack parses, every value it sets is a key of that stack, and an MCPM method's options
+    pass the bundle's checks together (e.g. the reuse variant without the default's Dice term)."""
     from monai.bundle import ConfigParser
 
     from scripts.experiments.methods import CONFIGS
+    from scripts.options import option_problems
 
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / c) for c in METHODS[name].configs])
     for key in METHODS[name].overrides:
         assert key in parser, key
+        parser[key] = METHODS[name].overrides[key]
     expected = "scripts.trainer.MCPMTrainer" if METHODS[name].meta_network else None
     assert parser["train#trainer#_target_"] == expected or not METHODS[name].meta_network
+    if METHODS[name].meta_network:
+        assert option_problems(parser["mcpm"], "mcpm") == []
+
+
+def test_the_recorded_levers_keep_the_cross_entropy_of_their_runs():
+    """The runs of the cost levers and of L2RW were made with the 0.3.0 default, without the Dice term; their methods
+    pin it to 0 so that the default's new Dice term does not change what they are. mcpm_ce is that default."""
+    for name in ("mcpm_ce", "l2rw", "mcpm_interval4", "mcpm_interval8", "mcpm_reuse", "mcpm_every2", "mcpm_every4"):
+        assert METHODS[name].overrides["mcpm#dice_loss_weight"] == 0.0, name
+    assert METHODS["mcpm_ce"].overrides == {"mcpm#dice_loss_weight": 0.0}
 
 
 def test_paper_override_restores_the_published_mcpm():
     """configs/train_mcpm_paper.json on top of train.json gives the published MCPM: no clean loss in the real step,
-    the SGD look-ahead, weights normalised over all voxels; the bundle's default differs in the first and last."""
+    the SGD look-ahead, weights normalised over all voxels, no Dice term; the bundle's default differs in the first, the
+    last and the Dice term."""
     from monai.bundle import ConfigParser
 
     from scripts.experiments.methods import CONFIGS, PAPER_MCPM, PAPER_OVERRIDE
@@ -238,13 +252,16 @@ def test_paper_override_restores_the_published_mcpm():
         "virtual_step": "sgd",
         "virtual_lr": 0.1,
         "weight_normalisation": "sum",
+        "dice_loss_weight": 0.0,
     }
-    # the default is the published MCPM with the clean loss and class-wise weights (its runs before 0.3.0 were named
-    # mcpm_clean_class, these two values as overrides, and docs/results.csv names them mcpm)
+    # the default is the published MCPM with the clean loss, class-wise weights and the Dice term (its runs before
+    # 0.4.0 were named mcpm_dice, dice_loss_weight 1 as an override on the 0.3.0 default, which was the first two as
+    # overrides; docs/results.csv names them mcpm, and the 0.3.0 default's runs mcpm_ce)
     assert {key: default[f"mcpm#{key}"] for key in PAPER_MCPM} == {
         **PAPER_MCPM,
         "clean_loss_weight": 1.0,
         "weight_normalisation": "class_sum",
+        "dice_loss_weight": 1.0,
     }
     assert {k: v for k, v in paper["mcpm"].items() if k not in PAPER_MCPM} == {
         k: v for k, v in default["mcpm"].items() if k not in PAPER_MCPM

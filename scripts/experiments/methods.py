@@ -52,6 +52,8 @@ PAPER_OVERRIDE = "train_mcpm_paper.json"
 _PAPER_VALUES = json.loads((CONFIGS / PAPER_OVERRIDE).read_text())
 PAPER_MCPM = {key.removeprefix("mcpm#"): value for key, value in _PAPER_VALUES.items()}
 CLEAN_MCPM = {**PAPER_MCPM, "clean_loss_weight": 1.0}
+# the default without its Dice term: the 0.3.0 default, which the cost levers below change one thing of
+CE_MCPM = {"dice_loss_weight": 0.0}
 # two levers that are more than one option: the teacher correction needs its normalisation, the inputs are a list
 TEACHER = {"correction": "teacher", "weight_normalisation": "mean"}
 INPUTS = {"meta_network_def#inputs": ["loss", "label", "boundary"]}
@@ -68,11 +70,14 @@ METHODS: dict[str, Method] = {
     "finetune": Method("plain, then fine-tuned on clean", (*BASELINE, "train_finetune.json")),
     "gce": Method("generalised cross-entropy", (*BASELINE, "train_gce.json")),
     "small_loss": Method("small-loss truncation", (*BASELINE, "train_small_loss.json")),
-    "l2rw": Method("pixel-wise L2RW", ("train.json", "train_l2rw.json")),
+    # with the cross-entropy of the recorded runs: train_l2rw.json takes the Dice term's weight from the mcpm section
+    "l2rw": Method("pixel-wise L2RW", ("train.json", "train_l2rw.json"), overrides={"mcpm#dice_loss_weight": 0.0}),
     "meta_only": Method("meta set only", (*BASELINE, "train_meta_only.json"), meta_set_only=True),
-    # the bundle's default: MCPM with the clean loss and class-wise weights (docs/results.md). Its runs before 0.3.0
-    # made it the default were named mcpm_clean_class (these values as overrides: the same merged config)
+    # the bundle's default: MCPM with the clean loss, class-wise weights and the Dice term (docs/results.md). Its runs
+    # before 0.4.0 made it the default were named mcpm_dice (dice_loss_weight 1 as an override: the same merged config)
     "mcpm": Method("MCPM", ("train.json",), meta_network=True),
+    # the 0.3.0 default, cross-entropy only; its runs before 0.4.0 were named mcpm (docs/results.csv names them mcpm_ce)
+    "mcpm_ce": _mcpm("MCPM, cross-entropy only (0.3.0 default)", **CE_MCPM),
     # the values of configs/train_mcpm_paper.json as overrides, so that runs recorded before that file keep their spec
     "mcpm_paper": _mcpm("MCPM as published", **PAPER_MCPM),
     # the levers of docs/mcpm.md, each one change from the published MCPM
@@ -88,20 +93,18 @@ METHODS: dict[str, Method] = {
     ),
     "mcpm_clean_teacher": _mcpm("MCPM + clean loss, teacher correction", **{**CLEAN_MCPM, **TEACHER}),
     "mcpm_clean_inputs": _mcpm("MCPM + clean loss, label + boundary inputs", **CLEAN_MCPM, **INPUTS),
-    # the Dice term of the real step, the loss of the strongest simple baseline (plain_dicece)
-    "mcpm_dice": _mcpm("MCPM + Dice term", dice_loss_weight=1.0),
-    # the cost levers of docs/performance.md, each one change from the default: fewer meta steps
-    "mcpm_interval4": _mcpm("MCPM, a meta step every 4th iteration", meta_interval=4),
-    "mcpm_interval8": _mcpm("MCPM, a meta step every 8th iteration", meta_interval=8),
-    "mcpm_reuse": _mcpm("MCPM, real step from the meta step's gradients", reuse_virtual_gradient=True),
+    # the cost levers of docs/performance.md, each one change from the 0.3.0 default (mcpm_ce): fewer meta steps
+    "mcpm_interval4": _mcpm("MCPM (CE), a meta step every 4th iteration", **CE_MCPM, meta_interval=4),
+    "mcpm_interval8": _mcpm("MCPM (CE), a meta step every 8th iteration", **CE_MCPM, meta_interval=8),
+    "mcpm_reuse": _mcpm("MCPM (CE), real step from the meta step's gradients", **CE_MCPM, reuse_virtual_gradient=True),
     # reuse with a meta step and the clean term every k-th iteration: the other iterations are plain ones
     "mcpm_every2": _mcpm(
-        "MCPM reuse, meta step and clean term every 2nd iteration",
-        reuse_virtual_gradient=True, meta_interval=2, clean_loss_interval=2,
+        "MCPM (CE) reuse, meta step and clean term every 2nd iteration",
+        **CE_MCPM, reuse_virtual_gradient=True, meta_interval=2, clean_loss_interval=2,
     ),
     "mcpm_every4": _mcpm(
-        "MCPM reuse, meta step and clean term every 4th iteration",
-        reuse_virtual_gradient=True, meta_interval=4, clean_loss_interval=4,
+        "MCPM (CE) reuse, meta step and clean term every 4th iteration",
+        **CE_MCPM, reuse_virtual_gradient=True, meta_interval=4, clean_loss_interval=4,
     ),
 }
 

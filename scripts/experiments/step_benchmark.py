@@ -32,7 +32,7 @@ import torch
 from monai.engines import SupervisedTrainer
 from monai.networks.nets import UNet
 
-from scripts.experiments.methods import CONFIGS, PAPER_MCPM
+from scripts.experiments.methods import CE_MCPM, CONFIGS, PAPER_MCPM
 from scripts.losses import VoxelCrossEntropyLoss
 from scripts.meta_gradient import Batch, loss_map_jvp, meta_loss_with, normalise_weights
 from scripts.meta_net import MetaMaskNet
@@ -50,11 +50,17 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "mcpm meta_interval 8": {"meta_interval": 8},
     "mcpm meta batch 1": {"meta_batch_size": 1},
     "mcpm meta_interval 4, meta batch 1": {"meta_interval": 4, "meta_batch_size": 1},
-    "mcpm reuse": {"reuse_virtual_gradient": True},
-    "mcpm reuse, meta_interval 2": {"reuse_virtual_gradient": True, "meta_interval": 2},
-    "mcpm reuse, meta_interval 4": {"reuse_virtual_gradient": True, "meta_interval": 4},
-    "mcpm reuse, meta and clean every 2nd": {"reuse_virtual_gradient": True, "meta_interval": 2, "clean_loss_interval": 2},
-    "mcpm reuse, meta and clean every 4th": {"reuse_virtual_gradient": True, "meta_interval": 4, "clean_loss_interval": 4},
+    "mcpm without the Dice term": dict(CE_MCPM),
+    # reuse needs the cross-entropy alone (docs/mcpm.md)
+    "mcpm reuse": {**CE_MCPM, "reuse_virtual_gradient": True},
+    "mcpm reuse, meta_interval 2": {**CE_MCPM, "reuse_virtual_gradient": True, "meta_interval": 2},
+    "mcpm reuse, meta_interval 4": {**CE_MCPM, "reuse_virtual_gradient": True, "meta_interval": 4},
+    "mcpm reuse, meta and clean every 2nd": {
+        **CE_MCPM, "reuse_virtual_gradient": True, "meta_interval": 2, "clean_loss_interval": 2
+    },
+    "mcpm reuse, meta and clean every 4th": {
+        **CE_MCPM, "reuse_virtual_gradient": True, "meta_interval": 4, "clean_loss_interval": 4
+    },
     "mcpm virtual step on the last decoder stage": {"virtual_step_params": ["model.2"]},
     "mcpm as published": dict(PAPER_MCPM),
 }
