@@ -204,6 +204,7 @@ class MetaReweightTrainer(SupervisedTrainer):
             self._close_meta_batches()
 
     def _close_meta_batches(self) -> None:
+        """Close the meta loader's iterator, if one is open (a generator's ``close`` runs its cleanup at once)."""
         if hasattr(self._meta_batches, "close"):
             self._meta_batches.close()
         self._meta_batches = None
