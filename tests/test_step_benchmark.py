@@ -3,7 +3,7 @@ reports ratios to plain training, the parts of an exact iteration with their flo
 
 from __future__ import annotations
 
-from scripts.experiments.step_benchmark import VARIANTS, build_trainer, floor_ms, main, parse_args
+from scripts.experiments.step_benchmark import DICE_PART, VARIANTS, build_trainer, floor_ms, main, parse_args
 from scripts.trainer import MCPMTrainer
 
 TINY = ["--device", "cpu", "--channels", "4", "8", "--res_units", "1", "--warmup", "1", "--rounds", "1"]
@@ -49,6 +49,7 @@ def test_scaling_sweep_components_and_plot(tmp_path):
     parts = {row[0]: row[1] for row in _rows(table) if row[0] not in VARIANTS}
     floor = float(parts["**floor of an exact iteration** (meta batch twice)"])
     named = {name: float(ms) for name, ms in parts.items() if not name.startswith(("**", "measured"))}
-    assert len(named) == 6 and all(ms > 0 for ms in named.values())
+    # the six passes of an exact iteration, and the Dice terms, which the default's dice_loss_weight 1 adds
+    assert len(named) == 7 and DICE_PART in named and all(ms > 0 for ms in named.values())
     assert abs(floor - floor_ms(named, clean_loss=True)) < 0.5  # the sum of the printed parts, each rounded
     assert "× floor" in parts["measured `mcpm (default)` iteration (median)"]

@@ -33,7 +33,7 @@ from monai.engines import SupervisedTrainer
 from monai.networks.nets import UNet
 
 from scripts.experiments.methods import CE_MCPM, CONFIGS, PAPER_MCPM
-from scripts.losses import VoxelCrossEntropyLoss
+from scripts.losses import VoxelCrossEntropyLoss, weighted_soft_dice
 from scripts.meta_gradient import Batch, loss_map_jvp, meta_loss_with, normalise_weights
 from scripts.meta_net import MetaMaskNet
 from scripts.trainer import MCPMTrainer
@@ -64,6 +64,8 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "mcpm virtual step on the last decoder stage": {"virtual_step_params": ["model.2"]},
     "mcpm as published": dict(PAPER_MCPM),
 }
+# the part of an exact iteration that only the Dice term (mcpm#dice_loss_weight > 0) adds
+DICE_PART = "soft Dice terms (training and meta batch)"
 # mcpm options that are not MCPMTrainer arguments
 NOT_TRAINER_OPTIONS = ("meta_batch_size", "meta_learning_rate")
 
@@ -277,8 +279,17 @@ def component_times(args: argparse.Namespace, device: torch.device, patch: int, 
         optimizer.step()
         meta_optimizer.step()
 
+    def dice_terms() -> None:
+        # the soft Dice of the training batch (weighted) and of the clean meta batch, each with its gradient to the
+        # logits; the network's backward behind them is the one the cross-entropy already pays for
+        for logits, label, weights in ((pred, batch.label, voxel_weights), (meta_pred, meta_batch.label, None)):
+            leaf = logits.detach().requires_grad_()
+            torch.autograd.grad(weighted_soft_dice(leaf, label, weights), leaf)
+
+    with torch.no_grad():
+        meta_pred, voxel_weights = network(meta_batch.image), meta_network(meta_input)
     repeats = args.iterations
-    return {
+    times = {
         "forward and loss map (training batch)": _median_time(forward, device, repeats),
         "backward (training batch)": _median_time(backward, device, repeats, setup=forward),
         "forward and backward (meta batch)": _median_time(meta_batch_pass, device, repeats),
@@ -288,11 +299,15 @@ def component_times(args: argparse.Namespace, device: torch.device, patch: int, 
         "meta network forward and backward": _median_time(meta_network_pass, device, repeats),
         "optimizer steps (both networks)": _median_time(optimizer_steps, device, repeats),
     }
+    if options["dice_loss_weight"] > 0:
+        times[DICE_PART] = _median_time(dice_terms, device, repeats)
+    return times
 
 
 def floor_ms(times: dict[str, float], clean_loss: bool) -> float:
     """The floor of an exact MCPM iteration from its parts: the forward, two backwards (the virtual and the real
-    step), the meta batch at θ̂ (and again at θ for the clean loss term), one JVP, the meta network, the steps."""
+    step), the meta batch at θ̂ (and again at θ for the clean loss term), one JVP, the meta network, the steps, and
+    the Dice terms where the defaults have them."""
     meta_passes = 2 if clean_loss else 1
     return (
         times["forward and loss map (training batch)"]
@@ -301,6 +316,7 @@ def floor_ms(times: dict[str, float], clean_loss: bool) -> float:
         + times["JVP of the loss map"]
         + times["meta network forward and backward"]
         + times["optimizer steps (both networks)"]
+        + times.get(DICE_PART, 0.0)
     )
 
 
