@@ -11,6 +11,9 @@ affine (in ``<studies>/mcpm_weights/``), for a viewer to overlay, and ``label_mt
 A label the bundle's datalist check rejects (wrong values, another grid than its image's) is not scored: its record
 holds ``error`` instead, and the other labels are scored.
 
+The answer of a scoring request (``POST /scoring/mcpm_suspicion``) lists the scored ids by ``rank`` (``ranking``),
+each one's scores and region (``scores``) and the labels not scored with why (``errors``).
+
 A scoring run whose networks, config and labels have not changed since the last one does nothing: MONAI Label starts
 one at server start, after each round and after every active-learning request.
 """
@@ -96,4 +99,5 @@ class LabelSuspicion(ScoringMethod):
                 logger.warning(f"label of {image_id} not scored: {record['error']}")
         ranking = sorted((i for i, r in results.items() if "rank" in r), key=lambda i: results[i]["rank"])
         errors = {i: r["error"] for i, r in results.items() if "error" in r}
-        return {"scored": len(ranking), "ranking": ranking, "errors": errors}
+        scores = {i: {key: results[i][key] for key in (*SCORES, "region")} for i in ranking}
+        return {"scored": len(ranking), "ranking": ranking, "scores": scores, "errors": errors}

@@ -47,6 +47,14 @@ DILATED = 2  # training labels dilated by 3 voxels: the suspect ones
 START_TIMEOUT_S = 120
 TRAIN_TIMEOUT_S = 180
 HTTP_TIMEOUT_S = 60
+# the server's web requests all go to a proxy on the closed discard port of this machine, so that anything it fetched
+# from outside (the model zoo, SAM2 or other weights) would fail and show in its log: the one command must need none
+PROXY = "http://127.0.0.1:9"
+OFFLINE = {
+    **{name: PROXY for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")},
+    "no_proxy": "127.0.0.1,localhost",
+    "NO_PROXY": "127.0.0.1,localhost",
+}
 # 127.0.0.1 only, never through a proxy that the environment may name
 HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -178,7 +186,7 @@ def server(tmp_path_factory) -> Iterator[Server]:
     ]  # fmt: skip
     # scoring only when a test asks: by default MONAI Label also starts it in the background after every round and
     # every "next sample", which would race with the checks
-    env = {**os.environ, "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
+    env = {**os.environ, "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", **OFFLINE}
     with open(log, "w") as out:
         process = subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True, env=env
@@ -192,6 +200,15 @@ def server(tmp_path_factory) -> Iterator[Server]:
         yield result
     finally:
         _stop(process)
+
+
+def test_the_one_command_serves_offline_on_localhost(server):
+    """``bash run.sh serve`` without ``--host`` listens on 127.0.0.1 only, and started without a request leaving the
+    machine (each would have met the closed proxy port of ``OFFLINE``)."""
+    log = server.log.read_text()
+    port = server.url.rsplit(":", 1)[1]
+    assert f"Uvicorn running on http://127.0.0.1:{port}" in log
+    assert not re.search(r"127\.0\.0\.1:9\b|ProxyError|Connection refused|Max retries exceeded", log)
 
 
 def test_server_offers_the_bundle_for_inference_and_training(server):
@@ -232,11 +249,14 @@ def _submit(server: Server, case: str, label: Path) -> None:
     server.call("PUT", f"/datastore/label?image={case}&tag=final", body, content_type)
 
 
-def _review(server: Server, case: str, status: str) -> None:
-    """Store a reviewer's verdict on a case's final label as MONAILabelReviewer does (all five keys)."""
+def _review(server: Server, case: str, status: str, as_reviewer: bool = False) -> None:
+    """Store a verdict on a case's final label with all five keys MONAILabelReviewer writes: through the documented
+    ``PUT /datastore/label/info`` (form field ``info``), or with ``as_reviewer`` through the call the reviewer's
+    buttons make, ``PUT /datastore/updatelabelinfo`` (form field ``params``)."""
     meta = {"status": status, "approvedBy": "tester", "level": "", "comment": "", "editTime": int(time.time())}
-    form = urllib.parse.urlencode({"info": json.dumps({"segmentationMeta": meta})}).encode()
-    server.call("PUT", f"/datastore/label/info?label={case}&tag=final", form, "application/x-www-form-urlencoded")
+    path, field = ("/datastore/updatelabelinfo", "params") if as_reviewer else ("/datastore/label/info", "info")
+    form = urllib.parse.urlencode({field: json.dumps({"segmentationMeta": meta})}).encode()
+    server.call("PUT", f"{path}?label={case}&tag=final", form, "application/x-www-form-urlencoded")
 
 
 def _next_sample(server: Server) -> str | None:
@@ -263,8 +283,8 @@ def test_a_round_without_an_approved_label_explains_that_mcpm_needs_one(labelled
 
 @pytest.fixture(scope="module")
 def approved(labelled) -> Server:
-    """The server after a reviewer approved one clean label, the meta case."""
-    _review(labelled, labelled.meta_case, "approved")
+    """The server after a reviewer approved one clean label, the meta case, with MONAILabelReviewer's own call."""
+    _review(labelled, labelled.meta_case, "approved", as_reviewer=True)
     return labelled
 
 
@@ -282,8 +302,12 @@ def test_scoring_ranks_the_dilated_labels_first_and_the_strategy_walks_them(appr
     assert sorted(result["ranking"][:DILATED]) == approved.dilated
     for case, suspicion in _suspicion(approved).items():
         assert 0 <= suspicion["score"] <= 1 and suspicion["region"]["voxels"] > 0
-        assert len(suspicion["region"]["min"]) == 3 and len(suspicion["region"]["centre"]) == 3
         weight, image = nib.load(suspicion["weight_map"]), nib.load(approved.images[case])
+        low, high, centre = (np.array(suspicion["region"][key]) for key in ("min", "max", "centre"))
+        assert (0 <= low).all() and (low <= high).all() and (high < image.shape).all()  # on the image's own grid
+        box_centre = (image.affine @ np.append((low + high) / 2, 1.0))[:3]
+        assert np.allclose(centre, box_centre, atol=1e-2)  # the box's centre in world coordinates
+        assert {key: suspicion[key] for key in result["scores"][case]} == result["scores"][case]  # /scoring's answer
         assert weight.shape == image.shape and np.allclose(weight.affine, image.affine, atol=1e-4)
     assert approved.json("POST", "/scoring/mcpm_suspicion?run_sync=true", {}) == {
         "scored": 0, "unchanged": len(approved.labels)

@@ -39,7 +39,9 @@ def test_prepares_the_app_and_keeps_trained_weights(tmp_path):
     assert json.loads((bundle / "configs" / "train.json").read_text())["mcpm"]["warmup_epochs"] == 1
 
 
-def test_the_server_command_is_offline_on_localhost(tmp_path):
+def test_the_server_listens_on_localhost_unless_told(tmp_path):
+    assert serve.build_parser().parse_args(["--studies", str(tmp_path)]).host == "127.0.0.1"
+    assert serve.build_parser().parse_args(["--studies", str(tmp_path), "--host", "0.0.0.0"]).host == "0.0.0.0"
     command = serve.server_command(tmp_path / "app", tmp_path / "studies", "127.0.0.1", 8123, [["mcpm_ranking", "score"]])
     assert command[1:5] == ["-m", "monailabel.main", "start_server", "--app"]
     assert command[command.index("--host") + 1] == "127.0.0.1" and command[command.index("--port") + 1] == "8123"

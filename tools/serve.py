@@ -75,8 +75,8 @@ def server_command(
     ]  # fmt: skip
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: check the arguments, prepare the app, then replace this process with the server."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``bash run.sh serve``: 127.0.0.1 unless ``--host`` says otherwise."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--studies", type=Path, required=True, help="folder of the images (<id>.nii.gz, ...)")
     parser.add_argument("--port", type=int, default=8000)
@@ -92,6 +92,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="a setting of the app, passed to the server, e.g. --conf mcpm_ranking score; repeatable",
     )  # fmt: skip
     parser.add_argument("--prepare_only", action="store_true", help="prepare the app, do not start the server")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: check the arguments, prepare the app, then replace this process with the server."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.studies.is_dir():
         parser.error(f"--studies {args.studies} is not a folder of images.")
