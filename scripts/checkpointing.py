@@ -19,6 +19,7 @@ from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointSaver
 from monai.transforms import Compose, Randomizable
 
+from scripts.lock import release
 from scripts.utils import as_flag
 
 logger = logging.getLogger(__name__)
@@ -154,7 +155,8 @@ class TrainingCheckpointer:
     When the run resumes from ``resume_path`` in ``save_dir``, the rotation goes on with the newest ``n_saved``
     epoch checkpoints there up to the resumed epoch, so that no more than ``n_saved`` remain. A fresh run with
     ``overwrite`` (a start-over, which ``scripts.outputs.check_training_outputs`` allowed) deletes the earlier
-    run's checkpoints in ``save_dir`` when training starts: after the data are loaded and checked.
+    run's checkpoints in ``save_dir`` when training starts: after the data are loaded and checked. When the
+    training completes, the lock of ``save_dir`` that ``scripts.lock.hold_training_folder`` took is released.
     """
 
     def __init__(
@@ -196,6 +198,8 @@ class TrainingCheckpointer:
             engine.add_event_handler(event, checkpoint)
             if idist.get_rank() == 0:  # the rank that writes
                 engine.add_event_handler(event, lambda _, c=checkpoint: self._log_saved(c))
+        # after the final checkpoint: a training run in-process (MONAI Label) gives its folder back when it ends
+        engine.add_event_handler(Events.COMPLETED, lambda _: release(self.save_dir))
 
     def _continue_rotation(self, checkpoint: Checkpoint, epoch: int) -> None:
         """Let ``checkpoint`` rotate the epoch checkpoints written before a resume at ``epoch``: those in
