@@ -7,7 +7,9 @@ refuse bad inputs, all problems at once, before any case is segmented or scored.
 from __future__ import annotations
 
 import difflib
+import errno
 import logging
+import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -18,12 +20,15 @@ from scripts.checks import (
     MAX_LISTED,
     BundleInputError,
     DatalistError,
+    affine_problem,
     brief_error,
     channel_problem,
     output_dir_problem,
     read_volume,
+    thin_axes,
     validate_datalist,
 )
+from scripts.checks.volumes import Volume
 from scripts.utils import ProblemsError, as_flag
 
 __all__ = [
@@ -45,6 +50,8 @@ COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
 # the 3D image files inference segments: those MONAI's LoadImage reads with nibabel (NIfTI) or ITK (NRRD, MetaImage);
 # other files of the input folder (notes, the ``.raw`` data of an ``.mhd`` header, hidden files) are ignored
 INFERENCE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+# the least free space inference starts with, whatever its estimate of the predictions' size (MB)
+MIN_FREE_MB = 1.0
 
 
 def clean_label_cases(datalist: str, base_dir: str, split: str = "training") -> list[dict]:
@@ -135,9 +142,38 @@ def _missing_folder_problem(input_dir: Path) -> str | None:
     return f"input folder {input_dir} does not exist{hint}"
 
 
+def _has_image_name(path: Path) -> bool:
+    """Whether ``path`` is named as an image inference segments: visible, with one of :py:data:`INFERENCE_SUFFIXES`."""
+    return not path.name.startswith(".") and path.name.lower().endswith(INFERENCE_SUFFIXES)
+
+
 def _is_image(path: Path) -> bool:
     """Whether ``path`` is a file inference segments: a visible file with one of :py:data:`INFERENCE_SUFFIXES`."""
-    return not path.name.startswith(".") and path.name.lower().endswith(INFERENCE_SUFFIXES) and path.is_file()
+    return _has_image_name(path) and path.is_file()
+
+
+def _link_chain(link: Path) -> str:
+    """Where the symbolic link ``link`` leads, link by link, up to a repeat: ``a.nii.gz -> b.nii.gz -> a.nii.gz``."""
+    chain, seen, current = [link.name], set(), link
+    while current.is_symlink() and current not in seen and len(chain) <= MAX_LISTED:
+        seen.add(current)
+        target = os.readlink(current)
+        current = Path(os.path.normpath(current.parent / target))
+        chain.append(target)
+    return " -> ".join(chain)
+
+
+def _link_problem(path: Path) -> str | None:
+    """Why ``path``, if a symbolic link with an image's name, leads to no image file: it is dangling, in a loop, or
+    leads to a folder. Such a link is not a file, so without this check its image would be left out in silence."""
+    if not (_has_image_name(path) and path.is_symlink()) or path.is_file():
+        return None
+    try:
+        os.stat(path)
+    except OSError as error:
+        what = "in a loop" if error.errno == errno.ELOOP else "to a file that does not exist"
+        return f"{path} is a symbolic link {what} ({_link_chain(path)}); replace it with the image or remove it"
+    return f"{path} is a symbolic link to a folder ({_link_chain(path)}), not an image file"
 
 
 def _no_image_problem(input_dir: Path, entries: Sequence[Path]) -> str:
@@ -158,9 +194,32 @@ def prediction_path(
     return Path(layout.filename(subject=str(image)))
 
 
-def _output_problems(input_dir: Path, output_dir: Path, image: Path, output_postfix: str, output_ext: str) -> list[str]:
-    """Why predictions cannot go into ``output_dir``: it is (inside) the input folder, a file, or not writable.
-    ``image`` is one input, to show what the next run would make of its prediction."""
+def _free_space_problem(output_dir: Path, shapes: Sequence[tuple[int, ...]]) -> str | None:
+    """Whether the disk of ``output_dir`` lacks room for the largest prediction of ``shapes`` as uncompressed uint8
+    voxels (at least :py:data:`MIN_FREE_MB`), so that a disk too small stops the run before its first case. A disk
+    that fills later stops the run at the prediction that no longer fits, which is then not written at all
+    (:py:class:`scripts.saving.AtomicSaveImaged`); the predictions before it are whole."""
+    largest_mb = max((math.prod(shape[:3]) for shape in shapes), default=0) / 2**20
+    problem = output_dir_problem("output_dir", output_dir, min_free_mb=max(MIN_FREE_MB, largest_mb))
+    if problem is None:
+        return None
+    return (
+        f"{problem} (the largest prediction takes {largest_mb:.1f} MB as uncompressed uint8 voxels); free disk "
+        "space or choose another --output_dir"
+    )
+
+
+def _output_problems(
+    input_dir: Path,
+    output_dir: Path,
+    image: Path,
+    output_postfix: str,
+    output_ext: str,
+    shapes: Sequence[tuple[int, ...]] = (),
+) -> list[str]:
+    """Why predictions cannot go into ``output_dir``: it is (inside) the input folder, a file, not writable, or on a
+    disk without room for predictions of ``shapes``. ``image`` is one input, to show what the next run would make
+    of its prediction."""
     output, input_ = output_dir.resolve(), input_dir.resolve()
     if output.is_relative_to(input_):
         where = "the input folder" if output == input_ else f"inside the input folder {input_dir}"
@@ -171,7 +230,7 @@ def _output_problems(input_dir: Path, output_dir: Path, image: Path, output_post
             f"run would segment them as images ({prediction.name} -> {again}); choose an --output_dir outside "
             f"{input_dir}"
         ]
-    problem = output_dir_problem("output_dir", output_dir, min_free_mb=0)
+    problem = output_dir_problem("output_dir", output_dir, min_free_mb=0) or _free_space_problem(output_dir, shapes)
     return [problem] if problem else []
 
 
@@ -188,25 +247,63 @@ def _duplicate_problems(outputs: dict[Path, Path]) -> list[str]:
     ]
 
 
+def _is_empty_file(path: Path) -> bool:
+    """Whether ``path`` is a file of 0 bytes, as a write interrupted before its first block leaves it."""
+    try:
+        return path.is_file() and path.stat().st_size == 0
+    except OSError:
+        return False
+
+
 def _existing_problem(output_dir: Path, outputs: Sequence[Path]) -> str | None:
-    """The predictions of this run that ``output_dir`` already holds, which it would overwrite."""
-    existing = sorted(output.name for output in dict.fromkeys(outputs) if os.path.lexists(output))
+    """The predictions of this run that ``output_dir`` already holds, which it would overwrite; the empty ones
+    (0 bytes, left by an interrupted write) are named apart, as they are no predictions at all."""
+    existing = sorted(dict.fromkeys(output for output in outputs if os.path.lexists(output)))
     if not existing:
         return None
+    empty = [output.name for output in existing if _is_empty_file(output)]
+    empties = f" ({len(empty)} of them empty, 0 bytes, from an interrupted write: {_listing(empty)})" if empty else ""
     return (
         f"output_dir {output_dir} already holds {len(existing)} prediction(s) this run would overwrite: "
-        f"{_listing(existing)}; pass --overwrite true to replace them, or choose another --output_dir"
+        f"{_listing([output.name for output in existing])}{empties}; pass --overwrite true to replace them, or "
+        "choose another --output_dir"
     )
 
 
-def _image_problem(path: Path, image_channels: int) -> str | None:
-    """Why ``path`` is not a readable 3D image with ``image_channels`` channels (NIfTI: header and file size only)."""
+def _read_image(path: Path, image_channels: int) -> tuple[Volume | None, str | None]:
+    """The header of ``path`` (NIfTI: header and file size only), and why it is not a readable 3D image with
+    ``image_channels`` channels and a usable affine, which its prediction is saved with."""
     try:
         volume = read_volume(path, with_data=False)
     except Exception as error:  # any library error of one file becomes a problem of that file
-        return f"{path} cannot be read ({brief_error(error)})"
-    problem = channel_problem(volume.shape, image_channels)
-    return f"{path} {problem}" if problem else None
+        return None, f"{path} cannot be read ({brief_error(error)})"
+    problem = channel_problem(volume.shape, image_channels) or affine_problem(volume.affine)
+    return volume, f"{path} {problem}" if problem else None
+
+
+def _warn_thin_images(shapes: dict[Path, tuple[int, ...]]) -> None:
+    """Warn about images one voxel thick along an axis: they are segmented (the prediction keeps their shape), but
+    the network was trained on 3D patches and sees such an image only through padding."""
+    thin = [f"{path} {shape[:3]}" for path, shape in shapes.items() if thin_axes(shape)]
+    if thin:
+        logger.warning(
+            f"{len(thin)} image(s) one voxel thick along an axis, segmented although the network was trained on 3D "
+            f"patches (expect a poor prediction): {_listing(thin)}"
+        )
+
+
+def _warn_leftover_temporaries(output_dir: Path, outputs: Iterable[Path]) -> None:
+    """Warn about the temporary files of predictions that a killed run left in ``output_dir`` (hidden, named
+    ``.<prediction>.<random><suffix>`` by :py:func:`scripts.utils.atomic_path`): they are no predictions."""
+    if not output_dir.is_dir():
+        return
+    prefixes = tuple(f".{output.name}." for output in outputs)
+    leftover = sorted(path.name for path in output_dir.glob(".*") if path.name.startswith(prefixes))
+    if leftover:
+        logger.warning(
+            f"output_dir {output_dir} holds {len(leftover)} temporary file(s) of an interrupted run, not "
+            f"predictions; delete them: {_listing(leftover)}"
+        )
 
 
 def inference_cases(
@@ -226,8 +323,11 @@ def inference_cases(
     files are ignored. The problems, all reported at once: ``input_dir`` missing (with the closest folder name),
     empty or without images (saying what it holds); ``output_dir`` equal to or inside ``input_dir`` (the predictions
     would be segmented by the next run), a file, or not writable; two images giving the same prediction name
-    (``case.nii`` and ``case.nii.gz``); predictions of this run already in ``output_dir``, unless ``overwrite``;
-    images that cannot be read (NIfTI truncation included) or are not 3D with ``image_channels`` channels.
+    (``case.nii`` and ``case.nii.gz``); predictions of this run already in ``output_dir``, unless ``overwrite`` (the
+    empty ones, left by an interrupted write, named apart); less free space on its disk than the largest prediction
+    takes as uncompressed uint8 voxels; symbolic links with an image's name that lead to no file (dangling, in a loop);
+    images that cannot be read (NIfTI truncation included) or are not 3D with ``image_channels`` channels. Images
+    one voxel thick along an axis are segmented, with a warning.
 
     Args:
         input_dir: folder of the images (``dataset_dir`` of ``configs/inference.json``).
@@ -250,17 +350,22 @@ def inference_cases(
         raise InferenceInputError([problem])
     entries = sorted(p for p in input_dir.iterdir() if not p.name.startswith("."))
     images = [p for p in entries if _is_image(p)]
+    link_problems = [problem for problem in map(_link_problem, entries) if problem]
     if not images:
-        raise InferenceInputError([_no_image_problem(input_dir, entries)])
+        raise InferenceInputError(link_problems or [_no_image_problem(input_dir, entries)])
     outputs = {image: prediction_path(image, output_dir, output_postfix, output_ext) for image in images}
-    problems = _output_problems(input_dir, output_dir, images[0], output_postfix, output_ext)
+    headers = {image: _read_image(image, image_channels) for image in images}
+    image_problems = [problem for _, problem in headers.values()]
+    shapes = {image: volume.shape for image, (volume, problem) in headers.items() if volume and not problem}
+    problems = _output_problems(input_dir, output_dir, images[0], output_postfix, output_ext, list(shapes.values()))
     if not problems and not overwrite:
         problems.append(_existing_problem(output_dir, list(outputs.values())))
-    problems += _duplicate_problems(outputs)
-    problems += [_image_problem(image, image_channels) for image in images]
+    problems += _duplicate_problems(outputs) + link_problems + image_problems
     problems = [problem for problem in problems if problem]
     if problems:
         raise InferenceInputError(problems)
+    _warn_thin_images(shapes)
+    _warn_leftover_temporaries(output_dir, outputs.values())
     suffix = f"_{output_postfix}"
     looks_predicted = [image.name for image in images if output_postfix and case_id(str(image)).endswith(suffix)]
     if looks_predicted:

@@ -11,6 +11,7 @@ import json
 import math
 import numbers
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -32,10 +33,13 @@ __all__ = [
     "dice",
     "figure",
     "file_hash",
+    "free_space",
     "nanmean",
+    "nearest_existing",
     "json_text",
     "number_problem",
     "save_figure",
+    "size_text",
     "write_csv",
     "write_json",
     "write_nifti",
@@ -145,6 +149,37 @@ def check_range(name: str, value: Any, low: float = -math.inf, high: float = mat
     return cast(value[0]), cast(value[1])
 
 
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """``path`` made absolute, or its nearest existing parent when it does not exist yet (a folder a run will make)."""
+    existing = Path(path).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return existing
+
+
+def size_text(size: float) -> str:
+    """A number of bytes for a message: ``"56 KB"``, ``"5.2 MB"``, ``"1.3 GB"``."""
+    if size >= 2**30:
+        return f"{size / 2**30:.1f} GB"
+    return f"{size / 2**20:.1f} MB" if size >= 2**20 else f"{int(size) // 2**10} KB"
+
+
+def free_space(folder: str | os.PathLike) -> str:
+    """The free space on the disk of ``folder`` (or of its nearest existing parent) for a message
+    (:py:func:`size_text`); ``"unknown"`` when it cannot be told."""
+    try:
+        return size_text(shutil.disk_usage(nearest_existing(folder)).free)
+    except OSError:
+        return "unknown"
+
+
+def _new_file_mode() -> int:
+    """The mode a file created here gets (``0o666`` less the umask)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; it replaces ``path`` when the block ends without an error
@@ -156,6 +191,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(handle)
     try:
         yield Path(temporary)
+        os.chmod(temporary, _new_file_mode())  # a file like any other, not mkstemp's private 0o600
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -4,8 +4,12 @@ evaluation split (:py:func:`scripts.cases.check_eval_data`, the first step of ``
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
 import shutil
+from collections import namedtuple
 from pathlib import Path
 
 import itk
@@ -14,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow
-from monai.data import MetaTensor
+from monai.data import ITKWriter, MetaTensor, NibabelWriter
 from monai.transforms import SaveImaged
 
 from scripts.cases import (
@@ -24,7 +28,9 @@ from scripts.cases import (
     inference_cases,
     prediction_path,
 )
-from scripts.checks import bundle_error, read_volume
+from scripts.checks import bundle_error, patch_size_problem, read_volume
+from scripts.saving import AtomicSaveImaged, PredictionWriteError
+from scripts.utils import BundleInputError
 from tests.conftest import BUNDLE_ROOT, CONFIGS, TINY, TINY_NETWORK, bundle, tiny_unet
 
 SHAPE = (16, 16, 16)
@@ -96,8 +102,9 @@ def test_lists_every_readable_format_and_ignores_other_files(tmp_path: Path):
     assert not (tmp_path / "out").exists()  # the check creates nothing
 
 
-def test_prediction_names_are_those_saveimaged_writes(tmp_path: Path):
-    saver = SaveImaged("pred", output_dir=tmp_path, output_postfix="seg", separate_folder=False, print_log=False)
+@pytest.mark.parametrize("saver_class", [SaveImaged, AtomicSaveImaged])
+def test_prediction_names_are_those_saveimaged_writes(tmp_path: Path, saver_class: type):
+    saver = saver_class("pred", output_dir=tmp_path, output_postfix="seg", separate_folder=False, print_log=False)
     for name in ("case_1.nii.gz", "case_2.nii", "case.3.nrrd", "case_4.mha"):
         image = MetaTensor(torch.zeros(1, 4, 4, 4), meta={"filename_or_obj": f"/data/{name}"})
         saver({"pred": image})
@@ -127,6 +134,29 @@ def test_empty_input_folder_and_one_without_images_say_what_they_hold(tmp_path: 
     assert f"{folder / 'notes.txt'} is a file" in str(refused(folder / "notes.txt", tmp_path / "out"))
 
 
+def test_links_that_lead_to_no_image_are_refused_by_name(images: Path, tmp_path: Path):
+    (images / "a.nii.gz").symlink_to("b.nii.gz")
+    (images / "b.nii.gz").symlink_to("a.nii.gz")
+    (images / "case.nii.gz").symlink_to(tmp_path / "gone.nii.gz")
+    (images / "folder.nii.gz").symlink_to(tmp_path)
+    (images / "notes.txt").symlink_to("nowhere.txt")  # not an image name: ignored as before
+    (images / "copy.nii.gz").symlink_to(images / "case_003.nii.gz")  # a link to an image is an image
+    assert refused(images, tmp_path / "out").problems == [
+        f"{images / 'a.nii.gz'} is a symbolic link in a loop (a.nii.gz -> b.nii.gz -> a.nii.gz); replace it with "
+        "the image or remove it",
+        f"{images / 'b.nii.gz'} is a symbolic link in a loop (b.nii.gz -> a.nii.gz -> b.nii.gz); replace it with "
+        "the image or remove it",
+        f"{images / 'case.nii.gz'} is a symbolic link to a file that does not exist (case.nii.gz -> "
+        f"{tmp_path / 'gone.nii.gz'}); replace it with the image or remove it",
+        f"{images / 'folder.nii.gz'} is a symbolic link to a folder (folder.nii.gz -> {tmp_path}), not an image file",
+    ]
+    for name in ("a.nii.gz", "b.nii.gz", "case.nii.gz", "folder.nii.gz"):
+        (images / name).unlink()
+    assert [Path(case["image"]).name for case in inference_cases(images, tmp_path / "out")] == [
+        "case_003.nii.gz", "case_004.nii.gz", "copy.nii.gz"
+    ]
+
+
 # --- the output folder -------------------------------------------------------------------------------------
 
 
@@ -153,6 +183,43 @@ def test_existing_predictions_are_refused_unless_overwrite(images: Path, tmp_pat
         assert len(inference_cases(images, out, overwrite=overwrite)) == 2
     assert "must be true or false, got 'yes'" in str(refused(images, out, overwrite="yes"))
     assert len(inference_cases(images, out, output_postfix="pred")) == 2  # other names overwrite nothing
+
+
+def test_empty_predictions_of_an_interrupted_run_are_named_as_such(images: Path, tmp_path: Path, caplog):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "case_003_seg.nii.gz").write_bytes(b"")  # a run killed while writing it
+    (out / "case_004_seg.nii.gz").write_bytes(b"earlier run")
+    (out / ".case_004_seg.nii.gz.x1y2z3.nii.gz").write_bytes(b"\x1f")  # the temporary of a killed atomic write
+    assert refused(images, out).problems == [
+        f"output_dir {out} already holds 2 prediction(s) this run would overwrite: case_003_seg.nii.gz, "
+        "case_004_seg.nii.gz (1 of them empty, 0 bytes, from an interrupted write: case_003_seg.nii.gz); "
+        "pass --overwrite true to replace them, or choose another --output_dir"
+    ]
+    with caplog.at_level(logging.WARNING, logger="scripts.cases"):
+        assert len(inference_cases(images, out, overwrite=True)) == 2
+    assert f"output_dir {out} holds 1 temporary file(s) of an interrupted run" in caplog.text
+    assert ".case_004_seg.nii.gz.x1y2z3.nii.gz" in caplog.text
+
+
+DiskUsage = namedtuple("DiskUsage", "total used free")
+
+
+def test_free_space_for_the_predictions_is_checked_before_any_case(images: Path, tmp_path: Path, monkeypatch):
+    big = images / "big.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((128, 128, 96), np.uint8), AFFINE), big)  # 1.5 MB of uint8 prediction
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: DiskUsage(2**30, 2**30 - 2**20, 2**20))  # 1 MB free
+    problems = refused(images, tmp_path / "out").problems
+    assert len(problems) == 1 and problems[0].startswith(f"output_dir {tmp_path / 'out'}: only 1.0 MB free"), problems
+    assert problems[0].endswith(
+        "need at least 1.5 MB (the largest prediction takes 1.5 MB as uncompressed uint8 voxels); free disk space or "
+        "choose another --output_dir"
+    )
+    big.unlink()  # 2 x 16^3 voxels: the floor of 1 MB applies
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: DiskUsage(2**30, 2**30 - 2**16, 2**16))  # 64 KB
+    assert "only 64 KB free on its disk, need at least 1 MB (the largest" in str(refused(images, tmp_path / "out"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: DiskUsage(2**30, 0, 2**21))
+    assert len(inference_cases(images, tmp_path / "out")) == 2
 
 
 def test_output_folder_that_is_a_file_is_refused(images: Path, tmp_path: Path):
@@ -323,6 +390,125 @@ def test_bad_inputs_stop_inference_before_any_case_with_their_files_last(images:
     assert lines[-2].startswith(f"{images / 'case_005.nii.gz'} cannot be read (EOFError")
     assert lines[-1] == f"{images / 'flat.nii.gz'} is 2D with shape (16, 16), expected a 3D volume"
     assert not out.exists() or not any(out.iterdir())  # no case was segmented
+
+
+@pytest.mark.parametrize("patch_size", [[20, 20, 20], [24, 24]])
+def test_a_patch_size_training_refuses_stops_inference_before_any_case(images: Path, tmp_path: Path, patch_size):
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIGS / "inference.json"), logging_file=False, bundle_root=str(BUNDLE_ROOT),
+        dataset_dir=str(images), output_dir=str(tmp_path / "out"), patch_size=patch_size,
+    )
+    workflow.initialize()
+    with pytest.raises(Exception) as raised:
+        workflow.run()
+    assert str(bundle_error(raised.value)) == f"config check failed:\n  {patch_size_problem(patch_size, [2, 2, 2])}"
+    assert "divisible by 8" in str(bundle_error(raised.value)) and not (tmp_path / "out").exists()
+
+
+def set_affine(path: Path, change) -> None:
+    """Store the affine of ``path`` changed by ``change`` as its sform (code 1), without a qform (code 0)."""
+    image = nib.load(path)
+    affine = image.affine.copy()
+    change(affine)
+    broken = nib.Nifti1Image(np.asanyarray(image.dataobj), None, image.header)
+    broken.header.set_sform(affine, code=1)
+    broken.header.set_qform(None, code=0)
+    nib.save(broken, path)
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (lambda a: a.__setitem__((0, 3), np.nan), "has an affine with NaN values (1 of its 16 entries)"),
+        (lambda a: a.__setitem__((1, 3), np.inf), "has an affine with infinite values (1 of its 16 entries)"),
+        (lambda a: a.__setitem__((slice(0, 3), 2), 0.0), "has a singular affine: voxel size 0 along axis 2 (a zero "
+         "column)"),
+    ],
+)
+def test_an_image_whose_affine_cannot_place_its_prediction_is_refused(images: Path, tmp_path: Path, change, expected):
+    path = images / IMAGE_NAMES[0]
+    set_affine(path, change)
+    assert refused(images, tmp_path / "out").problems == [f"{path} {expected}"]
+
+
+def inference_workflow(images: Path, output: Path, checkpoint: Path, **overrides: object) -> ConfigWorkflow:
+    """``configs/inference.json`` with a tiny network, in this process (so that a test can fake a full disk)."""
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIGS / "inference.json"), logging_file=False, bundle_root=str(BUNDLE_ROOT),
+        dataset_dir=str(images), ckpt_path=str(checkpoint), output_dir=str(output), patch_size=[16, 16, 16],
+        **{f"network_def#{k}": v for k, v in TINY_NETWORK.items()}, **overrides,
+    )
+    workflow.initialize()
+    return workflow
+
+
+def disk_full(writer: object, filename: str, *args: object, **kwargs: object) -> None:
+    """A writer's ``write`` on a full disk: the start of a gzip stream, then ENOSPC."""
+    Path(filename).write_bytes(b"\x1f\x8b\x08" + bytes(61))
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def cut_silently(writer: object, filename: str, *args: object, **kwargs: object) -> None:
+    """A writer's ``write`` that swallows a failed write (ITK on a full disk): a cut file and no error."""
+    Path(filename).write_bytes(b"\x1f\x8b\x08")
+
+
+def test_a_full_disk_stops_inference_naming_the_file_and_leaves_no_partial_file(
+    images: Path, checkpoint: Path, tmp_path: Path, monkeypatch
+):
+    monkeypatch.setattr(NibabelWriter, "write", disk_full)
+    monkeypatch.setattr(ITKWriter, "write", cut_silently)  # the next writer MONAI tries
+    out = tmp_path / "predictions"
+    workflow = inference_workflow(images, out, checkpoint)
+    with pytest.raises(Exception) as raised:
+        workflow.run()
+    error = bundle_error(raised.value)
+    assert isinstance(error, PredictionWriteError) and isinstance(error, BundleInputError), raised.value
+    assert str(error).startswith(
+        f"cannot write the prediction {out / 'case_003_seg.nii.gz'}: No space left on device ("
+    ), error
+    assert str(error).endswith(
+        f"free on the disk of {out}); no partial file was left under its name: free disk space or choose another "
+        "--output_dir"
+    )
+    assert not any(out.iterdir())  # neither a cut prediction nor a temporary file
+
+
+def test_failed_writes_keep_the_previous_prediction_and_name_each_writer(tmp_path: Path, monkeypatch):
+    out = tmp_path / "out"
+    saver = AtomicSaveImaged("pred", output_dir=out, output_postfix="seg", separate_folder=False, print_log=False)
+    image = MetaTensor(torch.ones(1, 4, 4, 4), meta={"filename_or_obj": "/data/case.nii.gz"})
+    saver({"pred": image})
+    prediction = out / "case_seg.nii.gz"
+    previous = prediction.read_bytes()
+    (tmp_path / "new_file").touch()
+    assert prediction.stat().st_mode == (tmp_path / "new_file").stat().st_mode  # not mkstemp's private 0o600
+    monkeypatch.setattr(NibabelWriter, "write", cut_silently)
+    with pytest.raises(PredictionWriteError, match="the written file does not read back"):
+        saver({"pred": image})
+    monkeypatch.setattr(NibabelWriter, "write", lambda *args, **kwargs: 1 / 0)
+    monkeypatch.setattr(ITKWriter, "write", lambda *args, **kwargs: [][0])
+    with pytest.raises(PredictionWriteError) as raised:
+        saver({"pred": image})
+    assert str(raised.value).startswith(
+        f"cannot write the prediction {prediction}: no writer could write it (NibabelWriter: ZeroDivisionError: "
+        "division by zero; ITKWriter: IndexError: list index out of range) ("
+    )
+    assert [p.name for p in out.iterdir()] == ["case_seg.nii.gz"]  # no temporary file left
+    assert prediction.read_bytes() == previous
+
+
+def test_a_one_voxel_thick_image_gets_a_prediction_of_its_shape(images: Path, checkpoint: Path, tmp_path, caplog):
+    for image in images.iterdir():
+        image.unlink()
+    thin = write_nifti(images / "thin.nii.gz", shape=(24, 24, 1))
+    out = tmp_path / "predictions"
+    with caplog.at_level(logging.WARNING, logger="scripts.cases"):
+        inference_workflow(images, out, checkpoint).run()
+    prediction = nib.load(out / "thin_seg.nii.gz")
+    assert prediction.shape == (24, 24, 1)  # not the (24, 24) of SaveImaged, which squeezes every trailing 1
+    np.testing.assert_allclose(prediction.affine, AFFINE)
+    assert "1 image(s) one voxel thick along an axis" in caplog.text and f"{thin} (24, 24, 1)" in caplog.text
 
 
 # --- evaluation: the eval split is checked first -------------------------------------------------------------
