@@ -171,6 +171,11 @@ class MetaReweightTrainer(SupervisedTrainer):
         self.meta_data_loader = meta_data_loader
         self.meta_interval = meta_interval
         self.warmup_epochs = warmup_epochs
+        if warmup_epochs >= max_epochs:
+            self.logger.warning(
+                f"warmup_epochs ({warmup_epochs}) is not below max_epochs ({max_epochs}): the re-weighting never "
+                "starts, so this run is plain training on the noisy labels"
+            )
         self.max_nonfinite_steps = max_nonfinite_steps
         self.clean_loss_weight = float(clean_loss_weight)
         self.dice_loss_weight = float(dice_loss_weight)

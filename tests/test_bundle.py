@@ -165,7 +165,7 @@ def test_cudnn_benchmark_is_set_after_set_determinism(enabled, dataset, tmp_path
     assert torch.backends.cudnn.benchmark is enabled and torch.backends.cudnn.deterministic is (not enabled)
     for name in ("train.json", "multi_gpu_train.json"):
         run = json.loads((CONFIGS / name).read_text())["run"]
-        assert run.index("@check_data") < run.index("@cudnn_benchmark_setting") < len(run) - 1, name
+        assert run.index("@checks") < run.index("@cudnn_benchmark_setting") < len(run) - 1, name
         assert "trainer.run()" in run[-1]
 
 

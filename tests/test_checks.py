@@ -228,6 +228,40 @@ def test_affine_mismatch(datalist: Path):
     assert validate_datalist(datalist) == COUNTS
 
 
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (lambda a: a.__setitem__((0, 3), np.nan), "has an affine with NaN values (1 of its 16 entries)"),
+        (lambda a: a.__setitem__((2, 3), np.inf), "has an affine with infinite values"),
+        (lambda a: a.__setitem__((slice(0, 3), 1), 0.0), "singular affine: voxel size 0 along axis 1"),
+    ],
+)
+def test_a_case_whose_files_all_have_an_unusable_affine_is_refused_saying_why(datalist: Path, change, expected):
+    case = json.loads(datalist.read_text())["meta"][0]
+    for key in ("image", "label"):
+        path = datalist.parent / case[key]
+        image = nib.load(path)
+        affine = image.affine.copy()
+        change(affine)
+        broken = nib.Nifti1Image(np.asanyarray(image.dataobj), None, image.header)
+        broken.header.set_sform(affine, code=1)  # nibabel's affine is then the sform as stored
+        broken.header.set_qform(None, code=0)
+        nib.save(broken, path)
+    found = problems(datalist)
+    assert len(found) == 2 and all(expected in problem for problem in found), found
+    assert not any("differs" in problem for problem in found)  # two equal NaN matrices do not "differ"
+
+
+def test_a_volume_one_voxel_thick_is_warned_about(datalist: Path, caplog):
+    case = json.loads(datalist.read_text())["training"][0]
+    for key in ("image", "label", "clean_label", "corruption_mask"):
+        if key in case:
+            rewrite(datalist.parent / case[key], label_of(datalist.parent / case[key])[:, :, 8:9])
+    with caplog.at_level(logging.WARNING, logger="scripts.checks"):
+        assert validate_datalist(datalist) == COUNTS
+    assert f"training[0] ({TRAINING_IMAGE}): image {TRAINING_IMAGE} is one voxel thick along axis [2]" in caplog.text
+
+
 def test_label_values_out_of_range(datalist: Path):
     path = datalist.parent / META_LABEL
     label = label_of(path).copy()
@@ -245,6 +279,9 @@ def test_float_label(datalist: Path):
     label[0, 0, 0] = 0.5
     rewrite(path, label)
     only(problems(datalist), f"label {META_LABEL} has non-integer values [0.5]")
+    label[0, 0, 0] = np.float32(1.0000001)  # shown as stored, not rounded to the integer it is refused for
+    rewrite(path, label)
+    only(problems(datalist), f"label {META_LABEL} has non-integer values [1.0000001]")
 
 
 def test_corruption_mask_values(datalist: Path):
@@ -378,7 +415,13 @@ def test_fuzz_only_datalist_errors(pristine: Path, seed: int, tmp_path: Path):
 
 # --- training settings -------------------------------------------------------------------------------------
 
-from scripts.checks import ConfigError, check_training_config  # noqa: E402
+from scripts.checks import (  # noqa: E402
+    ConfigError,
+    check_inference_config,
+    check_training_config,
+    patch_size_problem,
+    validation_interval,
+)
 
 GOOD_SETTINGS = {
     "learning_rate": 0.002,
@@ -425,14 +468,27 @@ def test_every_bad_training_setting_is_reported_at_once(tmp_path):
         "mcpm#correction 'teacher' makes every voxel's target w·label + (1 − w)·teacher",
         "set mcpm#weight_normalisation 'mean', got 'sum'",
         f"{blocker} is a file",
-        "MB free",
+        "free on its disk, need at least 953674316.4 GB",
     ):
         assert expected in message
     assert len(error.value.problems) == 9
 
 
-def test_schedules_that_would_never_validate_or_reweight_are_rejected():
+def test_a_validation_interval_beyond_the_epochs_validates_at_the_last_epoch(caplog):
+    with caplog.at_level(logging.WARNING, logger="scripts.checks"):
+        check_training_config(**{**GOOD_SETTINGS, "epochs": 4, "val_interval": 5})  # warned about, not refused
+        assert validation_interval(5, 4) == 4
+    assert "val_interval (5) is larger than epochs (4): validating at the last epoch instead" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="scripts.checks"):
+        assert validation_interval(2, 4) == 2 and validation_interval("2", 4) == "2"  # the config check reports it
+    assert caplog.text == ""
+
+
+@pytest.mark.parametrize("patch_size", [[20, 20, 20], [24, 24], "[24,24,24]", [24, 24, 0]])
+def test_inference_refuses_the_patch_sizes_training_refuses(patch_size):
     with pytest.raises(ConfigError) as error:
-        check_training_config(**{**GOOD_SETTINGS, "epochs": 4, "val_interval": 5})
-    assert "no model.pt would be saved" in str(error.value)
-    assert "would never start" in str(error.value)  # warmup_epochs 5 >= epochs 4
+        check_inference_config(patch_size, strides=[2, 2, 2])
+    assert error.value.problems == [patch_size_problem(patch_size, [2, 2, 2])]
+    assert "divisible by 8" in error.value.problems[0] and repr(patch_size) in error.value.problems[0]
+    check_inference_config([24, 24, 32], strides=[2, 2, 2])

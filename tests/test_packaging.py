@@ -165,7 +165,9 @@ def test_zip_of_this_bundle(dist):
     code = {name for name in files if name.endswith(".py")}
     # the default data's generator and the datalist converter ship; not scripts/lidc, experiments or tools
     assert {"scripts/data/__main__.py", "scripts/data/synthetic.py", "scripts/data/datalists.py"} <= code
-    assert all(Path(name).parent in (Path("scripts"), Path("scripts/data")) for name in code)
+    # the checks package whole: the configs name it, and the model card documents python -m scripts.checks
+    assert {"scripts/checks/__init__.py", "scripts/checks/__main__.py", "scripts/checks/datalist.py"} <= code
+    assert all(Path(name).parent in (Path("scripts"), Path("scripts/checks"), Path("scripts/data")) for name in code)
     # the model card, the docs it links and the figures they show; not tool docs it does not link
     assert {"docs/results.md", "docs/results_dice_vs_noise.png", "docs/results_weight_maps.png"} <= files
     assert {"docs/audit.md", "docs/real_data.md"} <= files  # real_data.md through audit.md's link

@@ -46,9 +46,9 @@ REQUIRED_FILES = (
 CONFIG_PATTERNS = ("configs/*.json", "configs/logging.conf")
 # the bundle's Python package; only the modules of these folders of it ship (the data tools make the default data)
 PACKAGE = "scripts"
-SHIPPED_FOLDERS = ("scripts", "scripts/data")
+SHIPPED_FOLDERS = ("scripts", "scripts/checks", "scripts/data")
 # commands the model card documents beside what the configs name; each ships (when present) with its imports
-COMMAND_MODULES = ("scripts.audit", "scripts.data.__main__", "scripts.data.datalists")
+COMMAND_MODULES = ("scripts.audit", "scripts.checks.__main__", "scripts.data.__main__", "scripts.data.datalists")
 MODEL_CARD = "docs/README.md"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp")
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest zip timestamp; fixed so that equal bundles give equal archives
