@@ -66,7 +66,10 @@ def normalise_weights(
         flat = weights.reshape(-1)
         sums = torch.zeros(int(classes.max()) + 1, dtype=flat.dtype, device=flat.device).scatter_add(0, classes, flat)
         shares = torch.bincount(classes, minlength=sums.numel()).to(flat.dtype) / flat.numel()
-        return (flat * (shares / (sums + eps))[classes]).view_as(weights)
+        # index_select, not ``[classes]``: the backward of indexing accumulates with parallel atomic adds on a
+        # multi-threaded CPU (from 32768 voxels on), in an order that changes from run to run; that of index_select
+        # adds in voxel order, so that the meta-gradient is the same at any thread count
+        return (flat * (shares / (sums + eps)).index_select(0, classes)).view_as(weights)
     if normalisation == "mean":
         return weights / weights.numel()
     if normalisation == "none":

@@ -230,3 +230,21 @@ def test_key_metric_state_keeps_the_best_score_across_a_resume(tmp_path):
     assert engine.state.best_metric == -1
     validate(handler, 0.3)
     assert torch.equal(saved(elsewhere), model.weight)
+
+
+def test_two_mcpm_trainings_at_two_threads_end_with_the_same_weights(tmp_path, monkeypatch):
+    """Two runs of one seed on one machine give the same weights bit for bit at 2 threads, on patches of 2 x 48^3
+    voxels: large enough for the CPU kernels that parallelise over voxels (at 16^3 they run serially)."""
+    data = generate_dataset(tmp_path / "data", seed=5, num_training=2, num_meta=2, num_validation=1, num_test=1,
+                            shape=(48, 48, 48)).parent
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    states = []
+    for name in ("first", "second"):
+        result = train(tmp_path, data, tmp_path / name, epochs=2, val_interval=2, patch_size="[48,48,48]",
+                       **{"mcpm#warmup_epochs": 0, "mcpm#meta_batch_size": 1})
+        assert result.returncode == 0, result.stderr[-3000:]
+        states.append(final_state(tmp_path / name))
+    first, second = ({k: v for k, v in s.items() if k in ("model", "meta_network", "optimizer")} for s in states)
+    assert torch.equal(torch.cat([t.flatten() for t in first["meta_network"].values()]),
+                       torch.cat([t.flatten() for t in second["meta_network"].values()]))
+    assert all(torch.equal(first["model"][k], second["model"][k]) for k in first["model"])
