@@ -468,7 +468,7 @@ def test_every_bad_training_setting_is_reported_at_once(tmp_path):
         "mcpm#correction 'teacher' makes every voxel's target w·label + (1 − w)·teacher",
         "set mcpm#weight_normalisation 'mean', got 'sum'",
         f"{blocker} is a file",
-        "free on its disk, need at least 953674316.4 GB",
+        "free on its disk, need at least 976562500.0 GB",
     ):
         assert expected in message
     assert len(error.value.problems) == 9

@@ -217,7 +217,7 @@ def test_free_space_for_the_predictions_is_checked_before_any_case(images: Path,
     )
     big.unlink()  # 2 x 16^3 voxels: the floor of 1 MB applies
     monkeypatch.setattr(shutil, "disk_usage", lambda path: DiskUsage(2**30, 2**30 - 2**16, 2**16))  # 64 KB
-    assert "only 64 KB free on its disk, need at least 1 MB (the largest" in str(refused(images, tmp_path / "out"))
+    assert "only 64 KB free on its disk, need at least 1.0 MB (the largest" in str(refused(images, tmp_path / "out"))
     monkeypatch.setattr(shutil, "disk_usage", lambda path: DiskUsage(2**30, 0, 2**21))
     assert len(inference_cases(images, tmp_path / "out")) == 2
 

@@ -7,7 +7,8 @@ labels with ``evaluate.json``, and scores the training labels with the trained n
 Then it writes into ``--out_dir``:
 
 - ``results.csv``: one row per run (mode/setting, seed, method, test and validation Dice, Dice per class, HD95,
-  training time, the meta loss of the first and last epoch, corruption detection);
+  training time, the meta loss of the first and last epoch, corruption detection, and the bundle version and CPU
+  thread count it ran with: runs repeat bit for bit only on the same machine, version and thread count);
 - ``results.md``: mean +- std over seeds per setting and method, gap closed, detection figures;
 - ``dice_vs_noise.png``: Dice against noise strength per method;
 - ``weight_maps.png``: image, clean label, corrupted label and MCPM weight map of a few training cases.
@@ -42,6 +43,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+import torch
 from monai.bundle import run as run_workflow
 
 from scripts.audit import detection_summary, load_trained, score_cases
@@ -211,6 +213,11 @@ def method_schedule(method: Method, mode: Mode) -> tuple[int, int]:
     return max(1, round(mode.epochs * factor)), max(1, round(mode.val_interval * factor))
 
 
+def bundle_version() -> str:
+    """The bundle's version (``configs/metadata.json``), recorded with each run."""
+    return str(json.loads((CONFIGS / "metadata.json").read_text())["version"])
+
+
 def train_and_evaluate(
     method: Method, dataset_dir: Path, run_dir: Path, mode: Mode, setting_name: str, seed: int, log_path: Path
 ) -> dict[str, Any]:
@@ -260,6 +267,9 @@ def train_and_evaluate(
         "train_seconds": round(train_seconds, 1),
         **meta_loss_trend(log_path),
         **detection,
+        "version": bundle_version(),
+        # the training's process inherits this one's environment, so it has this thread count too
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -361,8 +371,9 @@ def saved_results(mode: Mode, out_dir: Path) -> dict[Path, dict[str, Any]]:
     return saved
 
 
-# the columns of a results.csv row that describe the run; the others are its result
+# the columns of a results.csv row that describe the run; the others are its result, numbers but for TEXT_COLUMNS
 RUN_COLUMNS = ("mode", "setting", "family", "setting_label", "alpha", "seed", "method", "changed_fraction")
+TEXT_COLUMNS = ("version",)
 
 
 def import_results(mode: Mode, out_dir: Path, csv_path: Path) -> int:
@@ -392,10 +403,16 @@ def import_results(mode: Mode, out_dir: Path, csv_path: Path) -> int:
         if method_name not in mode.methods or (run_dir / "result.json").is_file():
             continue
         where = f"--import_results: {csv_path} line {line} ({row['setting']} seed {seed} {method_name})"
-        result = {key: float(value) for key, value in row.items() if key not in RUN_COLUMNS and value != ""}
+        result = {
+            key: value if key in TEXT_COLUMNS else float(value)
+            for key, value in row.items()
+            if key not in RUN_COLUMNS and value not in ("", None)
+        }
         if "epochs" not in result:
             raise ValueError(f"{where} has no epochs.")
         result["epochs"] = int(result["epochs"])
+        if "threads" in result:
+            result["threads"] = int(result["threads"])
         epochs, _ = method_schedule(METHODS[method_name], mode)
         if result["epochs"] != epochs:
             raise ValueError(f"{where} trained {result['epochs']} epochs, this benchmark {epochs}.")

@@ -70,7 +70,8 @@ METHODS: dict[str, Method] = {
     "finetune": Method("plain, then fine-tuned on clean", (*BASELINE, "train_finetune.json")),
     "gce": Method("generalised cross-entropy", (*BASELINE, "train_gce.json")),
     "small_loss": Method("small-loss truncation", (*BASELINE, "train_small_loss.json")),
-    # with the cross-entropy of the recorded runs: train_l2rw.json takes the Dice term's weight from the mcpm section
+    # L2RW with the cross-entropy alone: train_l2rw.json sets dice_loss_weight 0 itself; the override, which the
+    # recorded runs had when the file still took the mcpm section's weight, keeps their run specs
     "l2rw": Method("pixel-wise L2RW", ("train.json", "train_l2rw.json"), overrides={"mcpm#dice_loss_weight": 0.0}),
     "meta_only": Method("meta set only", (*BASELINE, "train_meta_only.json"), meta_set_only=True),
     # the bundle's default: MCPM with the clean loss, class-wise weights and the Dice term (docs/results.md). Its runs
