@@ -19,7 +19,7 @@ from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointSaver
 from monai.transforms import Compose, Randomizable
 
-from scripts.lock import release
+from scripts.lock import release, remove_stale_temporaries
 from scripts.utils import as_flag
 
 logger = logging.getLogger(__name__)
@@ -155,8 +155,9 @@ class TrainingCheckpointer:
     When the run resumes from ``resume_path`` in ``save_dir``, the rotation goes on with the newest ``n_saved``
     epoch checkpoints there up to the resumed epoch, so that no more than ``n_saved`` remain. A fresh run with
     ``overwrite`` (a start-over, which ``scripts.outputs.check_training_outputs`` allowed) deletes the earlier
-    run's checkpoints in ``save_dir`` when training starts: after the data are loaded and checked. When the
-    training completes, the lock of ``save_dir`` that ``scripts.lock.hold_training_folder`` took is released.
+    run's checkpoints in ``save_dir`` when training starts: after the data are loaded and checked. Then too, the
+    partial files that runs killed while writing left in ``save_dir`` are removed. When the training completes,
+    the lock of ``save_dir`` that ``scripts.lock.hold_training_folder`` took is released.
     """
 
     def __init__(
@@ -189,6 +190,8 @@ class TrainingCheckpointer:
     def attach(self, engine: Engine) -> None:
         epochs = self._checkpoint(EPOCH_PATTERN, self.n_saved)
         engine.add_event_handler(Events.STARTED, lambda e: self._continue_rotation(epochs, e.state.epoch))
+        if idist.get_rank() == 0:  # after the run's checks, in the folder its lock holds
+            engine.add_event_handler(Events.STARTED, lambda _: remove_stale_temporaries(self.save_dir))
         if self.overwrite and not self.resume_path and idist.get_rank() == 0:
             engine.add_event_handler(Events.STARTED, lambda _: self._delete_earlier_run())
         for event, checkpoint in (

@@ -4,15 +4,17 @@ folder is refused with the holder named, instead of removing the first one's che
 deleting them with ``overwrite``) and mixing the two runs' files.
 
 :py:func:`hold_training_folder`, which ``configs/train.json`` runs before anything is written (``lock_folder``),
-creates ``training.lock`` in ``ckpt_dir`` atomically (``O_CREAT | O_EXCL``) with the process id, host, start time
-and command line as JSON, then removes the temporary files that killed runs left in the run's checkpoint folders.
-The lock is released when the trainer completes (``scripts.checkpointing.TrainingCheckpointer``, for trainings
-run in-process such as MONAI Label's) and when the process exits, also after an uncaught error or a refusal; a
-release removes the lock file only while it still names this process and start, and the folders that taking it
-created while they are still empty.
+takes the kernel's lock (``flock``) of ``training.lock`` in ``ckpt_dir`` and writes the process id, host, start
+time and command line into it as JSON. The kernel drops that lock when the process ends, however it ends, so a
+held lock is a running training. The lock is released when the trainer completes
+(``scripts.checkpointing.TrainingCheckpointer``, for trainings run in-process such as MONAI Label's) and when the
+process exits, also after an uncaught error or a refusal; a release removes the lock file only while it still
+holds this process's record, and the folders that taking it created while they are still empty. After the run's
+checks, the checkpointer removes the temporary files that killed runs left in ``ckpt_dir``
+(:py:func:`remove_stale_temporaries`).
 
 - only rank 0 of a ``torchrun`` job takes the lock (it is the rank that writes); the other ranks pass;
-- a lock of this very process (an earlier in-process training that ended by an error) is taken over;
+- this process's lock of an earlier in-process training (one that ended by an error) is given back and taken again;
 - a lock whose process no longer runs on this host is taken over with a warning;
 - a lock from another host is never broken, since its process cannot be checked from here: it is reported with
   its host and age.
@@ -32,10 +34,15 @@ import socket
 import sys
 import time
 from datetime import datetime
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 
-from scripts.utils import BundleInputError
+from scripts.utils import BundleInputError, atomic_temporary_target
+
+try:
+    import fcntl
+except ImportError:  # Windows: the lock's record alone tells whether its holder runs
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "LOCK_NAME",
@@ -54,10 +61,9 @@ LOCK_NAME = "training.lock"
 OTHER_FOLDER = "--ckpt_dir runs/<name>/models --output_dir runs/<name>"
 # ignite's DiskSaver(atomic=True) writes into tempfile.NamedTemporaryFile(dir=save_dir): "tmp" and 8 random characters
 IGNITE_TEMPORARY = re.compile(r"tmp[a-z0-9_]{8}")
-RANDOM_PART = re.compile(r"[a-z0-9_]{8}")
 
-# the locks this process holds: lock file -> the holder record it wrote
-_held: dict[Path, dict[str, Any]] = {}
+# the locks this process holds: lock file -> its open file (with the kernel's lock) and the holder record it wrote
+_held: dict[Path, tuple[int, dict[str, Any]]] = {}
 # the folders that taking a lock created, by lock file, deepest first: removed on release while still empty
 _created: dict[Path, list[Path]] = {}
 # the folders of this process's training, by config key, for messages about them (a full disk)
@@ -92,22 +98,39 @@ def _holder() -> dict[str, Any]:
     }
 
 
-def _create(path: Path, holder: dict[str, Any]) -> bool:
-    """Create ``path`` holding ``holder``, atomically; False when it exists."""
+def _lock_file(handle: int) -> bool:
+    """Take the kernel's exclusive lock of the open file ``handle`` without waiting; False when another open file
+    holds it. The kernel drops it when its process ends, however it ends, so a held lock means a running holder
+    and there is no window between finding a lock stale and taking it over. Where there is no ``fcntl`` (Windows)
+    the record alone tells, through :py:func:`process_alive`."""
+    if fcntl is None:
+        return True
     try:
-        handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         return False
-    with os.fdopen(handle, "w") as stream:
-        stream.write(json.dumps(holder) + "\n")
     return True
 
 
+def _is_file_at(handle: int, path: Path) -> bool:
+    """Whether the open file ``handle`` is still the file at ``path`` (a releasing holder may have removed it)."""
+    try:
+        return os.fstat(handle).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _write(handle: int, holder: dict[str, Any]) -> None:
+    """Replace the record in the open lock file ``handle`` by ``holder``."""
+    os.ftruncate(handle, 0)
+    os.pwrite(handle, (json.dumps(holder) + "\n").encode(), 0)
+
+
 def _read(path: Path) -> dict[str, Any] | None:
-    """The holder record in ``path``; None when it is damaged (or still being written). FileNotFoundError if gone."""
+    """The holder record in ``path``; None when it is gone, empty, damaged or still being written."""
     try:
         holder = json.loads(path.read_text())
-    except ValueError:
+    except (ValueError, FileNotFoundError):
         return None
     valid = isinstance(holder, dict) and isinstance(holder.get("pid"), int) and isinstance(holder.get("host"), str)
     return holder if valid else None
@@ -165,71 +188,78 @@ def _refusal(path: Path, holder: dict[str, Any] | None) -> FolderLockedError:
     )
 
 
-def _take_over(path: Path, holder: dict[str, Any]) -> bool:
-    """Remove the lock ``path`` of ``holder`` if it is stale (this process's own, or a process that no longer runs
-    on this host), saying so; False when it is held."""
+def _stale(path: Path, holder: dict[str, Any] | None) -> bool:
+    """Whether the record ``holder`` of a lock whose kernel lock this process just took is of no running training:
+    a lock from another host is never taken over (its process cannot be checked from here); without ``fcntl`` a
+    record of a running process on this host holds too."""
+    if holder is None:
+        return True
     if holder["host"] != socket.gethostname():
         return False
     if holder["pid"] == os.getpid():
-        logger.info(f"{path}: taking over this process's lock of an earlier training (started {holder['started']})")
-    elif not process_alive(holder["pid"]):
-        logger.warning(
-            f"{path}: taking over the lock of process {holder['pid']} on {holder['host']} (started "
-            f"{holder.get('started')}), which no longer runs"
-        )
-    else:
+        return True
+    if fcntl is None and process_alive(holder["pid"]):
         return False
-    try:
-        if _read(path) == holder:  # not another run's lock that replaced it meanwhile
-            path.unlink()
-    except FileNotFoundError:
-        pass
+    logger.warning(
+        f"{path}: taking over the lock of process {holder['pid']} on {holder['host']} (started "
+        f"{holder.get('started', '?')}), which no longer runs"
+    )
     return True
 
 
 def acquire(folder: str | Path, attempts: int = 5) -> Path:
     """Take the lock of ``folder`` (created if needed) for this process, released at its exit at the latest;
-    return the lock file's path.
+    return the lock file's path. A lock this process took for an earlier training (in-process, as MONAI Label
+    trains) is given back first.
 
     Raises:
         FolderLockedError: another training holds ``folder``, named in the message.
     """
     path = Path(folder) / LOCK_NAME
+    if path.parent.exists() and path.resolve() in _held:
+        logger.info(f"{path}: giving back this process's lock of an earlier training before taking it again")
+        release(path)
     missing = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    holder: dict[str, Any] | None = None
     for _ in range(attempts):
-        if _create(path, mine := _holder()):
-            _held[path.resolve()] = mine
-            _created[path.resolve()] = [p.resolve() for p in missing]
-            return path
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        holder = None
         try:
-            holder = _read(path)
-        except FileNotFoundError:  # released meanwhile
-            continue
-        if holder is None:  # perhaps being written: look again
-            time.sleep(0.2)
-        elif not _take_over(path, holder):
-            break
-    raise _refusal(path, holder)
+            if _lock_file(handle) and _is_file_at(handle, path):
+                holder = _read(path)
+                if not _stale(path, holder):
+                    raise _refusal(path, holder)
+                _write(handle, mine := _holder())
+                _held[path.resolve()] = (handle, mine)
+                _created[path.resolve()] = [p.resolve() for p in missing]
+                return path
+            if _is_file_at(handle, path):  # held: by a running training
+                raise _refusal(path, _read(path))
+        except BaseException:
+            os.close(handle)
+            raise
+        os.close(handle)  # the file was removed by its releasing holder meanwhile: try again
+    raise _refusal(path, _read(path) if path.exists() else None)
 
 
 def release(path: str | Path | None = None) -> None:
     """Release the lock ``path`` (a lock file or its folder), or every lock this process holds: remove each file
-    that still names this process and its start, and leave any other; then the folders taking it created, while
-    they are empty (a refused run leaves nothing behind)."""
+    that still holds this process's record, then drop the kernel's lock; then remove the folders taking it
+    created, while they are empty (a refused run leaves nothing behind)."""
     if path is None:
         paths = list(_held)
     else:
         path = Path(path)
         paths = [(path / LOCK_NAME if path.is_dir() else path).resolve()]
     for lock in paths:
-        holder = _held.pop(lock, None)
+        handle, holder = _held.pop(lock, (None, None))
         try:
             if holder is not None and _read(lock) == holder:
                 lock.unlink()
         except OSError:  # gone, or its folder unreadable: nothing of ours to remove
             pass
+        if handle is not None:
+            os.close(handle)
         _remove_empty(_created.pop(lock, []))
 
 
@@ -245,21 +275,10 @@ def _remove_empty(folders: list[Path]) -> None:
 atexit.register(release)
 
 
-def _is_atomic_temporary(name: str) -> bool:
-    """Whether ``name`` is ``.<file>.XXXXXXXX<suffixes of file>``, a temporary of ``scripts.utils.atomic_path``."""
-    if not name.startswith("."):
-        return False
-    for end in range(2, len(name) - 8):
-        target, rest = name[1:end], name[end:]
-        if rest.startswith(".") and RANDOM_PART.fullmatch(rest[1:9]) and rest[9:] == "".join(PurePath(target).suffixes):
-            return True
-    return False
-
-
 def is_temporary(name: str) -> bool:
     """Whether ``name`` is the name of a temporary file that a checkpoint writer of a training makes beside its file:
     ignite's ``DiskSaver`` (``tmpXXXXXXXX``) or ``scripts.utils.atomic_path`` (``.<file>.XXXXXXXX<suffixes>``)."""
-    return bool(IGNITE_TEMPORARY.fullmatch(name)) or _is_atomic_temporary(name)
+    return bool(IGNITE_TEMPORARY.fullmatch(name)) or atomic_temporary_target(name) is not None
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
@@ -279,8 +298,8 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
 def hold_training_folder(
     ckpt_dir: str | Path, model_dir: str | Path | None = None, output_dir: str | Path | None = None
 ) -> Path | None:
-    """Hold ``ckpt_dir`` for this training before its first write, then remove the stale temporary files there and
-    in ``model_dir``; return the lock file (None on the ranks other than 0 of a ``torchrun`` job, which pass).
+    """Hold ``ckpt_dir`` for this training before its first write; return the lock file (None on the ranks other
+    than 0 of a ``torchrun`` job, which pass).
 
     ``output_dir`` is only recorded, with the other folders, for messages about them (:py:func:`training_folders`).
 
@@ -295,6 +314,4 @@ def hold_training_folder(
         return None
     path = acquire(ckpt_dir)
     logger.info(f"{ckpt_dir} is held by this training (lock file {path})")
-    for folder in dict.fromkeys(Path(f).resolve() for f in (ckpt_dir, model_dir) if f):
-        remove_stale_temporaries(folder)
     return path

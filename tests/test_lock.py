@@ -6,6 +6,7 @@ the training's folders and their free space."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -41,11 +42,26 @@ def _own_state(monkeypatch):
     release()
 
 
-def held_by(folder: Path, pid: int, host: str = HOST, started: str = "2025-01-01T10:00:00+00:00") -> Path:
-    """``folder`` with a lock naming process ``pid`` on ``host``."""
+@pytest.fixture
+def flocks():
+    """Open lock files that hold the kernel's lock, as a running training's do; closed at the test's end."""
+    handles: list[int] = []
+    yield handles
+    for handle in handles:
+        os.close(handle)
+
+
+def held_by(
+    folder: Path, pid: int, host: str = HOST, started: str = "2025-01-01T10:00:00+00:00", flocks: list | None = None
+) -> Path:
+    """``folder`` with a lock naming process ``pid`` on ``host``; with ``flocks``, its kernel lock held (a running
+    holder), else as a holder that ended left it."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
     path.write_text(json.dumps({"pid": pid, "host": host, "started": started, "command": "python -m monai.bundle run"}))
+    if flocks is not None:
+        flocks.append(os.open(path, os.O_RDWR))
+        fcntl.flock(flocks[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
     return path
 
 
@@ -56,8 +72,8 @@ def dead_pid() -> int:
     return process.pid
 
 
-def test_a_folder_held_by_a_live_process_is_refused_naming_it(tmp_path):
-    path = held_by(tmp_path, os.getppid())
+def test_a_folder_held_by_a_live_process_is_refused_naming_it(tmp_path, flocks):
+    path = held_by(tmp_path, os.getppid(), flocks=flocks)
     before = path.read_text()
     with pytest.raises(FolderLockedError) as error:
         acquire(tmp_path)
@@ -80,6 +96,9 @@ def test_the_own_process_takes_over_its_earlier_lock(tmp_path):
     """An in-process training (MONAI Label) that ended by an error left its lock: the next one may go on."""
     held_by(tmp_path, os.getpid())
     assert json.loads(acquire(tmp_path).read_text())["started"] != "2025-01-01T10:00:00+00:00"
+    first = set(lock._held)
+    acquire(tmp_path)  # this process's own lock, still held: given back and taken again, once
+    assert set(lock._held) == first and len(lock._held) == 1
 
 
 def test_a_lock_from_another_host_is_reported_and_never_broken(tmp_path):
@@ -93,8 +112,8 @@ def test_a_lock_from_another_host_is_reported_and_never_broken(tmp_path):
     assert path.read_text() == before
 
 
-def test_the_other_ranks_of_a_torchrun_job_pass(tmp_path, monkeypatch):
-    held_by(tmp_path, os.getppid())
+def test_the_other_ranks_of_a_torchrun_job_pass(tmp_path, monkeypatch, flocks):
+    held_by(tmp_path, os.getppid(), flocks=flocks)
     monkeypatch.setenv("RANK", "1")
     assert hold_training_folder(tmp_path, tmp_path, tmp_path) is None
     monkeypatch.setenv("RANK", "0")
@@ -127,30 +146,39 @@ def test_a_completed_training_releases_its_folder(tmp_path):
 
 
 def test_a_run_removes_the_partial_files_of_killed_runs(tmp_path, caplog):
-    """ignite's DiskSaver and scripts.utils.atomic_path write into temporaries that a SIGKILL leaves behind."""
+    """ignite's DiskSaver and scripts.utils.atomic_path write into temporaries that a SIGKILL leaves behind; a run
+    removes those in the folder it holds when training starts, after its checks."""
     ckpt_dir, model_dir = tmp_path / "models", tmp_path / "best"
-    stale = [ckpt_dir / "tmpk2_x9ab0", ckpt_dir / ".model.pt.a1b2c3d4.pt", model_dir / "tmp0q8w7e6r"]
-    kept = [ckpt_dir / "tmp_notes.txt", ckpt_dir / "checkpoint_epoch=2.pt", ckpt_dir / ".model.pt.a1b2.pt"]
+    stale = [ckpt_dir / "tmpk2_x9ab0", ckpt_dir / ".model.pt.a1b2c3d4.pt"]
+    kept = [ckpt_dir / "tmp_notes.txt", ckpt_dir / ".model.pt.a1b2.pt", model_dir / "tmp0q8w7e6r"]  # not held
     for path in stale + kept:
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(b"x" * 10)
+    hold_training_folder(ckpt_dir, model_dir, tmp_path)
+    trainer = Engine(lambda engine, batch: None)
+    TrainingCheckpointer(str(ckpt_dir), {"model": tiny_unet()}).attach(trainer)
+    assert all(path.exists() for path in stale)  # not before training starts
     with caplog.at_level(logging.INFO, logger="scripts.lock"):
-        hold_training_folder(ckpt_dir, model_dir, tmp_path)
+        trainer.run([0], max_epochs=1)
     assert not any(path.exists() for path in stale) and all(path.exists() for path in kept)
     assert f"removed {stale[0]} (10 bytes)" in caplog.text
 
 
-def test_a_second_training_into_a_held_folder_is_refused(dataset, tmp_path):
-    """Here the test process is the first training: the second is refused, --overwrite true or not."""
+@pytest.mark.parametrize("overwrite", ["true", "false"])
+def test_a_second_training_into_a_held_folder_is_refused(dataset, tmp_path, flocks, overwrite):
+    """Here the test process is the first training: the second is refused, --overwrite true or not, with the lock's
+    refusal alone (the other checks would find the first run's files, which are none of the second's business)."""
     models = tmp_path / "models"
-    path = held_by(models, os.getpid())
+    path = held_by(models, os.getpid(), flocks=flocks)
+    (models / "checkpoint_epoch=1.pt").write_bytes(b"")  # the first run's
     result = bundle(
         "run", ["train.json"], tmp_path, expect_success=False, bundle_root=BUNDLE_ROOT, dataset_dir=dataset,
-        ckpt_dir=models, output_dir=tmp_path, overwrite="true", **TINY,
+        ckpt_dir=models, output_dir=tmp_path, overwrite=overwrite, **TINY,
     )
+    assert "several reasons" not in result.stderr and "earlier training run" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert f"error: {models} is held by another training: process {os.getpid()} on host {HOST}" in last
-    assert sorted(p.name for p in models.iterdir()) == [LOCK_NAME]
+    assert sorted(p.name for p in models.iterdir()) == ["checkpoint_epoch=1.pt", LOCK_NAME]
     assert json.loads(path.read_text())["pid"] == os.getpid()  # untouched
     assert not list(tmp_path.glob("events.out.tfevents*"))  # refused before the first write
 
