@@ -29,7 +29,7 @@ from scripts.checks import (
     validate_datalist,
 )
 from scripts.checks.volumes import Volume
-from scripts.utils import ProblemsError, as_flag
+from scripts.utils import ProblemsError, as_flag, atomic_temporary_target
 
 __all__ = [
     "EvaluationDataError",
@@ -297,8 +297,8 @@ def _warn_leftover_temporaries(output_dir: Path, outputs: Iterable[Path]) -> Non
     ``.<prediction>.<random><suffix>`` by :py:func:`scripts.utils.atomic_path`): they are no predictions."""
     if not output_dir.is_dir():
         return
-    prefixes = tuple(f".{output.name}." for output in outputs)
-    leftover = sorted(path.name for path in output_dir.glob(".*") if path.name.startswith(prefixes))
+    names = {output.name for output in outputs}
+    leftover = sorted(path.name for path in output_dir.glob(".*") if atomic_temporary_target(path.name) in names)
     if leftover:
         logger.warning(
             f"output_dir {output_dir} holds {len(leftover)} temporary file(s) of an interrupted run, not "

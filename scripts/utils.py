@@ -11,6 +11,7 @@ import json
 import math
 import numbers
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -28,6 +29,7 @@ __all__ = [
     "as_flag",
     "SPLITS",
     "atomic_path",
+    "atomic_temporary_target",
     "check_number",
     "check_range",
     "dice",
@@ -173,11 +175,29 @@ def free_space(folder: str | os.PathLike) -> str:
         return "unknown"
 
 
-def _new_file_mode() -> int:
-    """The mode a file created here gets (``0o666`` less the umask)."""
+def _umask() -> int:
+    """The process's umask, read once at import (reading it means setting it for a moment)."""
     umask = os.umask(0o022)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+# the mode a file created here gets (``0o666`` less the umask), which atomic_path's files get too
+NEW_FILE_MODE = 0o666 & ~_umask()
+# the random part tempfile.mkstemp puts in a name: 8 characters of [a-z0-9_]
+_RANDOM_PART = re.compile(r"[a-z0-9_]{8}")
+
+
+def atomic_temporary_target(name: str) -> str | None:
+    """The name of the file that ``name`` is an :py:func:`atomic_path` temporary of (``.<file>.XXXXXXXX<suffixes
+    of file>``), or None when it is none: what a process killed while writing leaves behind."""
+    if not name.startswith("."):
+        return None
+    for end in range(2, len(name) - 8):
+        target, rest = name[1:end], name[end:]
+        if rest.startswith(".") and _RANDOM_PART.fullmatch(rest[1:9]) and rest[9:] == "".join(Path(target).suffixes):
+            return target
+    return None
 
 
 @contextlib.contextmanager
@@ -191,7 +211,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(handle)
     try:
         yield Path(temporary)
-        os.chmod(temporary, _new_file_mode())  # a file like any other, not mkstemp's private 0o600
+        os.chmod(temporary, NEW_FILE_MODE)  # a file like any other, not mkstemp's private 0o600
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

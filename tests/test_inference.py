@@ -190,7 +190,7 @@ def test_empty_predictions_of_an_interrupted_run_are_named_as_such(images: Path,
     out.mkdir()
     (out / "case_003_seg.nii.gz").write_bytes(b"")  # a run killed while writing it
     (out / "case_004_seg.nii.gz").write_bytes(b"earlier run")
-    (out / ".case_004_seg.nii.gz.x1y2z3.nii.gz").write_bytes(b"\x1f")  # the temporary of a killed atomic write
+    (out / ".case_004_seg.nii.gz.x1y2z3w4.nii.gz").write_bytes(b"\x1f")  # the temporary of a killed atomic write
     assert refused(images, out).problems == [
         f"output_dir {out} already holds 2 prediction(s) this run would overwrite: case_003_seg.nii.gz, "
         "case_004_seg.nii.gz (1 of them empty, 0 bytes, from an interrupted write: case_003_seg.nii.gz); "
@@ -199,7 +199,7 @@ def test_empty_predictions_of_an_interrupted_run_are_named_as_such(images: Path,
     with caplog.at_level(logging.WARNING, logger="scripts.cases"):
         assert len(inference_cases(images, out, overwrite=True)) == 2
     assert f"output_dir {out} holds 1 temporary file(s) of an interrupted run" in caplog.text
-    assert ".case_004_seg.nii.gz.x1y2z3.nii.gz" in caplog.text
+    assert ".case_004_seg.nii.gz.x1y2z3w4.nii.gz" in caplog.text
 
 
 DiskUsage = namedtuple("DiskUsage", "total used free")

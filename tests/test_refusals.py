@@ -91,6 +91,14 @@ def test_typo_in_an_override_stops_the_run_and_is_the_last_line(dataset, tmp_pat
     assert not (tmp_path / "models").exists()  # refused before any training
 
 
+def test_a_typo_in_an_evaluation_override_is_refused(dataset, tmp_path):
+    result = bundle(
+        "run", ["train.json", "evaluate.json"], tmp_path, expect_success=False, bundle_root=BUNDLE_ROOT,
+        dataset_dir=dataset, model_dir=tmp_path, output_dir=tmp_path, eval_splt="validation",
+    )
+    assert "--eval_splt: no key of that name" in result.stderr and "did you mean --eval_split" in result.stderr
+
+
 def test_empty_validation_split_is_refused(copy):
     edit(copy / "datalist.json", lambda d: d.update(validation=[]))
     with pytest.raises(DatalistError, match="without one no model.pt would be saved"):

@@ -9,7 +9,9 @@ space (:py:func:`disk_full_error`); :py:func:`brief_error` shortens a library's 
 
 from __future__ import annotations
 
+import atexit
 import errno
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -95,12 +97,20 @@ def disk_full_error(chain: Sequence[BaseException]) -> DiskFullError | None:
 
 
 def _excepthook(kind: type[BaseException], error: BaseException, traceback: Any) -> None:
-    """Print the traceback as Python does, then the bundle's own message again as the last line. The interpreter
-    then exits as after any uncaught error (status 1), running its exit handlers, so that logs are flushed."""
+    """Print the traceback as Python does, then the bundle's own message again as the last line, run the exit
+    handlers (logging, TensorBoard's and MLflow's flushes, the folder lock's release) and exit with status 1.
+
+    The process ends there rather than in the interpreter's shutdown: when a transform raises while MONAI's
+    ``CacheDataset`` fills its cache, the pool's worker thread is left running, and the shutdown can then abort in
+    native code ("terminate called without an active exception", exit status 134) after the message."""
     _previous_excepthook(kind, error, traceback)
     cause = bundle_error(error)
     if cause is not None and cause is not error:
         print(f"\nerror: {cause}", file=sys.stderr)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 _previous_excepthook = sys.excepthook

@@ -20,6 +20,8 @@ from scripts.utils import ProblemsError
 
 __all__ = ["OverrideError", "check_override_keys", "close_keys", "override_problems", "started_as_bundle_command"]
 
+# keys of MONAI's own that a component holds, never what a user means by a typo
+INTERNAL_KEYS = frozenset({"_target_", "_mode_", "_disabled_", "_requires_", "_desc_"})
 # the words of a config key: ``mcpm#meta_learning_rate`` -> mcpm, meta, learning, rate
 _WORD_SEPARATORS = re.compile(r"[#_:.\-]+")
 
@@ -158,7 +160,8 @@ def override_problems(argv: Sequence[str]) -> list[str]:
         parent = key.rsplit("#", 1)[0] if "#" in key else None
         if key in run_arguments or key in keys or key.split("#")[0] == "_meta_" or parent in components:
             continue
-        close = close_keys(key, (keys - references) | run_arguments)
+        suggestible = {k for k in keys - references if not INTERNAL_KEYS.intersection(k.split("#"))}
+        close = close_keys(key, suggestible | run_arguments)
         hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
         problems.append(f"--{key}: no key of that name in {', '.join(files) or 'the config files'}{hint}")
     return problems

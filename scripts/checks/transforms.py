@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -33,25 +34,35 @@ _FINGERPRINTS: dict[str, dict[tuple[tuple[int, ...], str], str]] = {}
 def fingerprint(image: torch.Tensor, affine: torch.Tensor | np.ndarray | None) -> str:
     """A digest of an image's voxels and its affine (to a thousandth of a millimetre): equal for the same case
     saved in another format or compression, where the files' bytes differ."""
-    digest = hashlib.sha256(np.ascontiguousarray(image.detach().cpu().numpy()).tobytes())
+    digest = hashlib.sha256(np.ascontiguousarray(image.detach().cpu().numpy()))  # hashed in place, not copied
     if affine is not None:
-        digest.update(np.round(np.asarray(affine, dtype=np.float64), 3).tobytes())
+        digest.update(np.round(np.asarray(affine, dtype=np.float64), 3))
     return digest.hexdigest()
 
 
-def _listed_as(datalist: str, filename: str) -> str:
-    """Where ``filename`` is listed in ``datalist`` (``meta[0]``), for a message; ``""`` when it cannot be told."""
+def _listed_images(datalist: str) -> dict[str, str]:
+    """The images ``datalist`` lists, by real path, each with where it is listed (``meta[0]``); empty when the file
+    cannot be read (a tool that passes its own cases, as MONAI Label's scoring does). Read once per version."""
+    try:
+        return _read_listed_images(datalist, os.stat(datalist).st_mtime_ns)
+    except OSError:
+        return {}
+
+
+@functools.lru_cache(maxsize=8)
+def _read_listed_images(datalist: str, modified: int) -> dict[str, str]:
+    """:py:func:`_listed_images` of the file as it was at ``modified``."""
     try:
         content = json.loads(Path(datalist).read_text())
     except (OSError, ValueError):
-        return ""
-    target = os.path.realpath(filename)
-    for split, entries in content.items():
+        return {}
+    listed: dict[str, str] = {}
+    for split, entries in content.items() if isinstance(content, dict) else ():
         for index, entry in enumerate(entries if isinstance(entries, list) else []):
             image = entry.get("image") if isinstance(entry, dict) else entry
-            if isinstance(image, str) and os.path.realpath(Path(datalist).parent / image) == target:
-                return f"{split}[{index}] "
-    return ""
+            if isinstance(image, str):
+                listed.setdefault(os.path.realpath(Path(datalist).parent / image), f"{split}[{index}]")
+    return listed
 
 
 class CheckImaged(MapTransform):
@@ -72,16 +83,19 @@ class CheckImaged(MapTransform):
         self.unique_in = None if unique_in is None else str(unique_in)
 
     def _check_unique(self, name: str, image: torch.Tensor, affine: Any) -> None:
-        """Refuse ``image`` when another file of the datalist had the same voxels and affine."""
-        if self.unique_in is None:
+        """Refuse ``image`` when another file of the datalist had the same voxels and affine. Files the datalist
+        does not list (a tool's own cases) are not compared."""
+        listed = _listed_images(self.unique_in) if self.unique_in is not None else {}
+        where = listed.get(os.path.realpath(str(name)))
+        if where is None:
             return
         seen = _FINGERPRINTS.setdefault(self.unique_in, {})
         first = seen.setdefault((tuple(image.shape), fingerprint(image, affine)), str(name))
         if os.path.realpath(first) != os.path.realpath(str(name)):
             raise BundleInputError(
-                f"{_listed_as(self.unique_in, str(name))}{name}: same voxels and affine as "
-                f"{_listed_as(self.unique_in, first)}{first} of {self.unique_in} (a copy in another format?); "
-                "a case must be listed once, in one split only (data leakage)"
+                f"{where} {name}: same voxels and affine as {listed[os.path.realpath(first)]} {first} of "
+                f"{self.unique_in} (a copy in another format?); a case must be listed once, in one split only "
+                "(data leakage)"
             )
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
