@@ -20,6 +20,7 @@ from scripts.checks import (
     MAX_LISTED,
     BundleInputError,
     DatalistError,
+    Volume,
     affine_problem,
     brief_error,
     channel_problem,
@@ -28,7 +29,6 @@ from scripts.checks import (
     thin_axes,
     validate_datalist,
 )
-from scripts.checks.volumes import Volume
 from scripts.utils import ProblemsError, as_flag, atomic_temporary_target
 
 __all__ = [

@@ -223,7 +223,6 @@ def acquire(folder: str | Path, attempts: int = 5) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(attempts):
         handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        holder = None
         try:
             if _lock_file(handle) and _is_file_at(handle, path):
                 holder = _read(path)
